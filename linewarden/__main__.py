@@ -1,0 +1,3 @@
+from linewarden.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""linewarden storage: record types, the writer, daily partitions, retention,
+backup, the integrity chain, query and the uplink queue.
+
+Knows nothing about HTTP or DNS parsing: adapters hand it finished records.
+"""
