@@ -1,0 +1,595 @@
+#!/usr/bin/env python3
+"""HTTP proxy throughput, side by side with peers, in one run on this machine (issue 4).
+
+Measures, on loopback only, with bounded durations:
+
+* wrk (absolute-form requests, keep-alive) for 1 KB, 64 KB and 1 MB text/html pages
+  against: the origin (nginx) directly; linewarden (`linewarden run`, explicit
+  mode, content scanning on with N keywords, every decision recorded in the
+  store); e2guardian with the same keywords as a banned phrase list; squid
+  (no scanning, access log on).
+* TLS passthrough through an explicit CONNECT: new connections per second (each
+  with an SNI decision, a TLS handshake and a 1 KB GET) and bulk MB/s (a 64 MiB
+  download per connection), linewarden vs squid with ``ssl_bump peek`` + ``splice``.
+* each proxy's resident memory with 1,000 idle keep-alive client connections.
+
+Prints req/s, MB/s and the ratios linewarden/e2guardian and linewarden/squid.
+Needs: wrk nginx squid-openssl e2guardian (apt-get install -y wrk nginx-light
+squid-openssl e2guardian); a missing peer is reported and skipped.
+
+e2guardian and large Chinese phrase lists: e2guardian builds one byte trie per
+phrase list and refuses a list where a node needs more than 60 links
+("Phrase tree node exceeds maximum links"); UTF-8 CJK text has up to 64 distinct
+continuation bytes after a common prefix, so a large Chinese list trips it. We
+split the phrases greedily into several files so that no trie node in any file
+has more than 60 children, and load them all as banned phrase lists
+(``.Include`` of each) — see ``split_for_e2guardian``; if e2guardian still
+refuses, the run says so and reports it as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+PAGES = {"1k": 1024, "64k": 64 * 1024, "1m": 1024 * 1024}
+E2G_MAX_LINKS = 60
+"""e2guardian's per-node child limit in its phrase trie (ListContainer)."""
+
+# Common characters of Chinese web text; pages and keywords both draw from it.
+POOL = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行"
+        "学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些"
+        "然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月"
+        "公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def make_keywords(n: int, seed: int = 4) -> list[str]:
+    """The corpus keywords (when present) plus deterministic synthetic 4-7 character phrases."""
+    out: list[str] = []
+    corpus = ROOT.parent / "shared" / "corpus" / "rules" / "keywords.tsv"
+    if corpus.exists():
+        for line in corpus.read_text(encoding="utf-8").splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                out.append(parts[2])
+    rng = random.Random(seed)
+    seen = set(out)
+    while len(out) < n:
+        k = "".join(rng.choice(POOL) for _ in range(rng.randint(4, 7)))
+        if k not in seen:
+            seen.add(k)
+            out.append(k)
+    return out[:n]
+
+
+def make_page(size: int, seed: int) -> bytes:
+    """A text/html page of ``size`` bytes of Chinese prose-like text."""
+    rng = random.Random(seed)
+    head, tail = b"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>t</title></head><body><p>", b"</p></body></html>\n"
+    body = bytearray()
+    while len(body) < size - len(head) - len(tail):
+        body += "".join(rng.choice(POOL) for _ in range(rng.randint(8, 30))).encode() + "。".encode()
+        if rng.random() < 0.1:
+            body += b"</p>\n<p>"
+    page = head + bytes(body) + tail
+    return page[: size - len(tail)].decode("utf-8", "ignore").encode() + tail if len(page) > size else page
+
+
+def write_rules(d: Path, keywords: list[str]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ruleset.toml").write_text('name = "bench"\nversion = 1\n\n[categories.bench]\naction = "block"\n')
+    (d / "keywords.tsv").write_text(
+        "id\tcategory\tkeyword\n" + "".join(f"B{i:05d}\tbench\t{k}\n" for i, k in enumerate(keywords)),
+        encoding="utf-8")
+
+
+def split_for_e2guardian(phrases: list[str], max_links: int = E2G_MAX_LINKS) -> list[list[str]]:
+    """Greedy split: each phrase goes to the first list whose byte trie stays within the limit."""
+    lists: list[tuple[dict[bytes, set[int]], list[str]]] = []
+    for p in phrases:
+        b = p.encode()
+        placed = False
+        for children, members in lists:
+            ok = True
+            for i in range(len(b)):
+                kids = children.get(b[:i])
+                if kids is not None and b[i] not in kids and len(kids) >= max_links:
+                    ok = False
+                    break
+            if ok:
+                for i in range(len(b)):
+                    children.setdefault(b[:i], set()).add(b[i])
+                members.append(p)
+                placed = True
+                break
+        if not placed:
+            children = {}
+            for i in range(len(b)):
+                children.setdefault(b[:i], set()).add(b[i])
+            lists.append((children, [p]))
+    return [m for _, m in lists]
+
+
+def self_signed(d: Path, cn: str = "bench.example") -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    c, k = d / f"{cn}.crt", d / f"{cn}.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return c, k
+
+
+# -- the processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    tls_port: int | None = None
+
+    def pids(self) -> list[int]:
+        """The process and its descendants (squid's kid, e2guardian's children)."""
+        out = [self.popen.pid]
+        frontier = [self.popen.pid]
+        while frontier:
+            pid = frontier.pop()
+            try:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            for k in kids:
+                out.append(int(k))
+                frontier.append(int(k))
+        return out
+
+    def rss_mb(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)  # our own child, by its handle
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def start_nginx(work: Path) -> Proc:
+    www = work / "www"
+    www.mkdir()
+    for name, size in PAGES.items():
+        (www / f"{name}.html").write_bytes(make_page(size, seed=size))
+    with open(www / "bulk.bin", "wb") as f:
+        f.write(os.urandom(64 << 20))
+    cert, key = self_signed(work, "origin.example")
+    port, tls_port = free_port(), free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    types {{ text/html html; application/octet-stream bin; }}
+    default_type application/octet-stream;
+    charset utf-8;
+    sendfile on;
+    keepalive_requests 1000000;
+    client_body_temp_path {work}/nginx-tmp;
+    proxy_temp_path {work}/nginx-tmp;
+    fastcgi_temp_path {work}/nginx-tmp;
+    uwsgi_temp_path {work}/nginx-tmp;
+    scgi_temp_path {work}/nginx-tmp;
+    server {{ listen 127.0.0.1:{port}; root {www}; }}
+    server {{ listen 127.0.0.1:{tls_port} ssl; root {www};
+             ssl_certificate {cert}; ssl_certificate_key {key}; }}
+}}
+""")
+    p = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    wait_port(port, None)
+    return Proc("origin", port, p, tls_port)
+
+
+def start_linewarden(work: Path, keywords: list[str]) -> Proc:
+    rules = work / "lw-rules"
+    write_rules(rules, keywords)
+    port = free_port()
+    cfg = work / "linewarden.toml"
+    cfg.write_text(f"""
+[rules]
+dir = "{rules}"
+[store]
+dir = "{work / 'lw-store'}"
+[http]
+listen = "127.0.0.1:{port}"
+mode = "explicit"
+[dns]
+enabled = false
+""")
+    logf = open(work / "linewarden.log", "wb")
+    p = subprocess.Popen([PY, "-m", "linewarden", "run", "--config", str(cfg)], cwd=ROOT,
+                         stdout=logf, stderr=subprocess.STDOUT)
+    wait_port(port, p, timeout=120)
+    return Proc("linewarden", port, p, port)
+
+
+def start_squid(work: Path) -> Proc | None:
+    if shutil.which("squid") is None:
+        log("squid: not installed (apt-get install -y squid-openssl); skipped")
+        return None
+    d = work / "squid"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    cert, key = self_signed(d, "squid-ca.example")
+    pem = d / "bump.pem"
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    os.chmod(pem, 0o644)
+    port, tls_port = free_port(), free_port()
+    conf = d / "squid.conf"
+    conf.write_text(f"""
+http_port 127.0.0.1:{port}
+http_port 127.0.0.1:{tls_port} ssl-bump tls-cert={pem} generate-host-certificates=off
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump splice all
+http_access allow all
+cache deny all
+cache_mem 8 MB
+access_log stdio:{d}/access.log
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+workers 1
+max_filedescriptors 65536
+shutdown_lifetime 1 seconds
+""")
+    p = subprocess.Popen(["squid", "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, p)
+        wait_port(tls_port, p)
+    except RuntimeError as e:
+        log(f"squid: did not start ({e}); see {d}/cache.log")
+        return None
+    return Proc("squid", port, p, tls_port)
+
+
+def start_e2guardian(work: Path, keywords: list[str]) -> Proc | None:
+    if shutil.which("e2guardian") is None:
+        log("e2guardian: not installed (apt-get install -y e2guardian); skipped")
+        return None
+    d = work / "e2g"
+    shutil.copytree("/etc/e2guardian", d)
+    port = free_port()
+    parts = split_for_e2guardian(keywords)
+    lists = d / "lists"
+    for i, part in enumerate(parts):
+        (lists / f"bench-{i}").write_text("".join(f"<{k}>\n" for k in part), encoding="utf-8")
+    (lists / "bannedphraselist").write_text("".join(f".Include<{lists}/bench-{i}>\n" for i in range(len(parts))))
+    for empty in ("weightedphraselist", "exceptionphraselist"):
+        (lists / empty).write_text("")
+    for f in d.rglob("*"):
+        if f.is_file():
+            try:
+                text = f.read_text()
+            except (UnicodeDecodeError, OSError):
+                continue
+            if "/etc/e2guardian" in text:
+                f.write_text(text.replace("/etc/e2guardian", str(d)))
+    conf = d / "e2guardian.conf"
+    text = conf.read_text()
+    text = re.sub(r"(?m)^filterports = .*$", f"filterports = {port}", text)
+    text = re.sub(r"(?m)^filterip =.*$", "filterip = 127.0.0.1", text)
+    text += (f"\npidfilename = '{d}/e2g.pid'\nloglocation = '{d}/access.log'\n"
+             f"ipcfilename = '{d}/e2g.ipc'\nurlipcfilename = '{d}/e2g-url.ipc'\nipipcfilename = '{d}/e2g-ip.ipc'\n"
+             "nodaemon = on\n")
+    conf.write_text(text)
+    os.chmod(d, 0o777)
+    logf = open(d / "stderr.log", "wb")
+    p = subprocess.Popen(["e2guardian", "-N", "-c", str(conf)], stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, p, timeout=120)
+    except RuntimeError as e:
+        log(f"e2guardian: did not start ({e}): {(d / 'stderr.log').read_text(errors='replace')[-800:]}")
+        return None
+    log(f"e2guardian: {len(keywords)} phrases in {len(parts)} lists (<= {E2G_MAX_LINKS} links a node)")
+    return Proc("e2guardian", port, p)
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+WRK_LUA = """
+wrk.path = "{url}"
+wrk.headers["Host"] = "{host}"
+"""
+
+
+def wrk(port: int, url: str, host: str, duration: int, conns: int, threads: int, work: Path) -> tuple[float, float]:
+    """req/s and MB/s of one wrk run against ``port`` (a proxy or the origin)."""
+    script = work / "wrk.lua"
+    script.write_text(WRK_LUA.format(url=url, host=host))
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{duration}s", "--timeout", "10s",
+                          "-s", str(script), f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
+    scale = {"B": 1 / 1e6, "KB": 1024 / 1e6, "MB": 1024 * 1024 / 1e6, "GB": 1024**3 / 1e6}
+    mbs = float(m.group(1)) * scale[m.group(2)] if m else 0.0
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        log(f"  warning: {errors.group(1)} non-2xx responses on :{port} {url}")
+    if "Socket errors" in out:
+        log("  " + out.split("Socket errors", 1)[1].splitlines()[0])
+    return rps, mbs
+
+
+_CTX: ssl.SSLContext | None = None
+
+
+def _client_ctx() -> ssl.SSLContext:
+    """One client context (building one per connection loads the CA store: ~50 ms)."""
+    global _CTX
+    if _CTX is None:
+        _CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        _CTX.check_hostname = False
+        _CTX.verify_mode = ssl.CERT_NONE
+    return _CTX
+
+
+async def _tls_client(proxy_port: int, origin_port: int, sni: str, path: str, keepalive_bytes: bool) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    try:
+        writer.write(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        await writer.start_tls(_client_ctx(), server_hostname=sni)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        n = 0
+        while chunk := await reader.read(1 << 18):
+            n += len(chunk)
+        return n
+    finally:
+        writer.close()
+
+
+def tls_load(proxy_port: int, origin_port: int, path: str, duration: float, concurrency: int) -> tuple[float, float]:
+    """Connections/s and MB/s of CONNECT+TLS+GET loops (2 client processes to use both cores)."""
+    code = f"""
+import asyncio, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from bench_proxy import _tls_client
+async def main():
+    end = time.monotonic() + {duration}
+    done = [0, 0]
+    async def loop():
+        while time.monotonic() < end:
+            try:
+                done[1] += await _tls_client({proxy_port}, {origin_port}, "www.bench.example", {path!r}, False)
+                done[0] += 1
+            except Exception:
+                await asyncio.sleep(0.01)
+    await asyncio.gather(*(loop() for _ in range({concurrency})))
+    print(done[0], done[1])
+import uvloop; uvloop.run(main())
+"""
+    procs = [subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    conns = nbytes = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=duration + 60)
+        c, b = out.split()
+        conns += int(c)
+        nbytes += int(b)
+    return conns / duration, nbytes / duration / 1e6
+
+
+def idle_memory(proc: Proc, origin_port: int, n: int = 1000) -> tuple[float, float]:
+    """RSS (MB) before and with ``n`` idle keep-alive client connections, each after one request."""
+    before = proc.rss_mb()
+    socks = []
+    req = f"GET http://127.0.0.1:{origin_port}/1k.html HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode()
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+        s.sendall(req)
+        socks.append(s)
+    for s in socks:
+        got = b""
+        while b"</html>" not in got:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    time.sleep(1.0)
+    during = proc.rss_mb()
+    for s in socks:
+        s.close()
+    return before, during
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    ap.add_argument("--keywords", type=int, default=10_000, help="keywords / phrases (default 10000)")
+    ap.add_argument("--tls-duration", type=float, default=5.0, help="seconds per TLS run (default 5)")
+    ap.add_argument("--skip", default="", help="comma-separated: e2guardian,squid,tls,memory")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if shutil.which("wrk") is None or shutil.which("nginx") is None:
+        log("needs wrk and nginx: apt-get install -y wrk nginx-light")
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, hard), hard))
+    work = Path(tempfile.mkdtemp(prefix="lw-bench-"))
+    os.chmod(work, 0o755)
+    procs: list[Proc] = []
+    try:
+        keywords = make_keywords(args.keywords)
+        origin = start_nginx(work)
+        procs.append(origin)
+        # The pages must be clean: a benchmark of block pages would measure something else.
+        from rules.engine import Engine
+
+        write_rules(work / "check-rules", keywords)
+        engine = Engine.from_dir(work / "check-rules")
+        for name in PAGES:
+            page = (work / "www" / f"{name}.html").read_bytes()
+            v = engine.http_response(200, [(b"Content-Type", b"text/html; charset=utf-8")], page)
+            assert v.action == "allow", (name, v.rule_ids)
+        lw = start_linewarden(work, keywords)
+        procs.append(lw)
+        peers: dict[str, Proc] = {}
+        if "e2guardian" not in skip and (e2g := start_e2guardian(work, keywords)):
+            peers["e2guardian"] = e2g
+            procs.append(e2g)
+        if "squid" not in skip and (sq := start_squid(work)):
+            peers["squid"] = sq
+            procs.append(sq)
+
+        targets: list[tuple[str, int, bool]] = [("direct", origin.port, False), ("linewarden", lw.port, True)]
+        targets += [(n, p.port, True) for n, p in peers.items()]
+        results: dict[tuple[str, str], tuple[float, float]] = {}
+        host = f"127.0.0.1:{origin.port}"
+        for page in PAGES:
+            for name, port, via_proxy in targets:
+                url = f"http://{host}/{page}.html" if via_proxy else f"/{page}.html"
+                results[(name, page)] = wrk(port, url, host, args.duration, args.connections, args.threads, work)
+                log(f"{name:>11} {page:>4}: {results[(name, page)][0]:10.0f} req/s {results[(name, page)][1]:9.1f} MB/s")
+
+        tls: dict[str, tuple[float, float, float, float]] = {}
+        if "tls" not in skip:
+            tls_targets = [("linewarden", lw)] + ([("squid", peers["squid"])] if "squid" in peers else [])
+            for name, p in tls_targets:
+                assert p.tls_port is not None and origin.tls_port is not None
+                cps, _ = tls_load(p.tls_port, origin.tls_port, "/1k.html", args.tls_duration, 16)
+                _, mbs = tls_load(p.tls_port, origin.tls_port, "/bulk.bin", args.tls_duration, 4)
+                tls[name] = (cps, mbs, 0.0, 0.0)
+                log(f"{name:>11} TLS: {cps:8.0f} conn/s {mbs:9.1f} MB/s")
+
+        mem: dict[str, tuple[float, float]] = {}
+        if "memory" not in skip:
+            for name, p in [("linewarden", lw)] + list(peers.items()):
+                mem[name] = idle_memory(p, origin.port)
+                log(f"{name:>11} memory: {mem[name][0]:.1f} MB idle, {mem[name][1]:.1f} MB with 1,000 idle connections")
+
+        lw_store = work / "lw-store"
+        print_report(args, results, tls, mem, list(peers), keywords, lw_store)
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if args.keep:
+            log(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  # type: ignore[no-untyped-def]
+    print(f"\nbench_proxy: {len(keywords)} keywords, wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+          f"{os.cpu_count()} CPUs, loopback")
+    cols = ["direct", "linewarden"] + peers
+    print(f"{'page':>5} | " + " | ".join(f"{c:>22}" for c in cols) + " | lw/e2g | lw/squid")
+    for page in PAGES:
+        cells = []
+        for c in cols:
+            rps, mbs = results[(c, page)]
+            cells.append(f"{rps:8.0f} r/s {mbs:7.1f} MB/s")
+        lw = results[("linewarden", page)][0]
+        r_e = f"{lw / results[('e2guardian', page)][0]:6.2f}" if "e2guardian" in peers else "   n/a"
+        r_s = f"{lw / results[('squid', page)][0]:8.2f}" if "squid" in peers else "     n/a"
+        print(f"{page:>5} | " + " | ".join(f"{c:>22}" for c in cells) + f" | {r_e} | {r_s}")
+    if tls:
+        print("\nTLS passthrough (CONNECT, SNI decision, splice):")
+        for name, (cps, mbs, _, _) in tls.items():
+            print(f"  {name:>11}: {cps:8.0f} new conn/s (handshake + 1 KB GET), {mbs:8.1f} MB/s bulk")
+        if "squid" in tls:
+            print(f"  ratio linewarden/squid: conn/s {tls['linewarden'][0] / tls['squid'][0]:.2f}, "
+                  f"bulk {tls['linewarden'][1] / tls['squid'][1]:.2f}")
+    if mem:
+        print("\nResident memory (all processes of the proxy):")
+        for name, (before, during) in mem.items():
+            print(f"  {name:>11}: {before:7.1f} MB idle, {during:7.1f} MB with 1,000 idle keep-alive connections")
+    try:
+        from storage.query import query
+
+        n = sum(1 for _ in query(lw_store, kind="http"))
+        print(f"\nlinewarden recorded {n} http records in its store during the run.")
+    except Exception as e:  # the report is still useful without the count
+        print(f"\n(could not count linewarden's records: {e})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

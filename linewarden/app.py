@@ -1,0 +1,146 @@
+"""The composition: one process that runs the store writer and the services.
+
+Owns: building the parts from a ``Config`` (writer, Engine reference,
+identity, services), the start order (writer first, then each service) and
+the stop order (services in reverse, so their last records reach the writer,
+then the writer flushes and closes), and the signals: SIGTERM/SIGINT stop
+cleanly and lose nothing; SIGHUP is reserved for rule reload (issue 7) and
+only logged for now. Must not: hold product logic (DESIGN.md: keep it thin).
+
+A service is anything with ``name``, ``async start()`` and ``async stop()``.
+Today: the DNS shim (in-process when ``dns.workers = 0``, else worker
+processes, linewarden/workers.py). The HTTP(S) proxy (issue 4) plugs in by
+adding a factory to ``SERVICE_FACTORIES``: it receives the ``App`` (config,
+writer, engine reference, identity) and returns its service, or None when
+disabled. Factories run in order; services start in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from linewarden.config import Config
+
+log = logging.getLogger("linewarden")
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def dns_service(app: App) -> Service | None:
+    """The DNS shim, in this process or as worker processes (``dns.workers``)."""
+    cfg = app.config
+    if not cfg.dns.enabled:
+        return None
+    upstreams = [_hostport(u) for u in app.upstreams]
+    if not upstreams:
+        log.warning("dns: no upstream configured and none in /etc/resolv.conf; "
+                    "every allowed query will get SERVFAIL")
+    if cfg.dns.workers == 0:
+        from proxy.dns_shim import DnsShim
+
+        return DnsShim(cfg.dns, app.engine_ref, app.writer, app.identity, upstreams=upstreams)
+    from linewarden.workers import DnsWorkers, WorkerSpec
+
+    spec = WorkerSpec(dns=cfg.dns, rules_dir=str(app.rules_dir), backend=cfg.rules.backend,
+                      bindings=cfg.identity, upstreams=tuple(upstreams),
+                      fail_open=app.store_config.overflow == "fail-open", count=cfg.dns.workers)
+    return DnsWorkers(spec, app.writer)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    from linewarden.config import parse_hostport
+
+    return parse_hostport(text, 53)
+
+
+def http_service(app: App) -> Service | None:
+    """The HTTP(S) proxy (issue 4): fast path, plus mitmproxy when ``http.intercept`` is set."""
+    if not app.config.http.enabled:
+        return None
+    from proxy.http_service import HttpProxyService, HttpServiceConfig
+
+    return HttpProxyService(app.engine_ref, app.writer.submit,
+                            HttpServiceConfig.from_config(app.config.http), identity=app.identity)
+
+
+SERVICE_FACTORIES: list[Callable[[App], Service | None]] = [dns_service, http_service]
+"""Builders of the services, in start order. The HTTP proxy appends its own."""
+
+
+class App:
+    """All the parts of one ``linewarden run``."""
+
+    def __init__(self, config: Config) -> None:
+        from proxy.dns_shim import EngineRef
+        from proxy.identity import Identity
+        from rules.engine import SAMPLE_RULES, Engine
+        from storage.writer import RecordWriter
+
+        self.config = config
+        self.rules_dir = Path(config.rules.dir) if config.rules.dir else SAMPLE_RULES
+        self.engine_ref = EngineRef(Engine.from_dir(self.rules_dir, backend=config.rules.backend))
+        """The current Engine; a reload (issue 7) swaps it here and every adapter sees it."""
+        self.identity = Identity(config.identity)
+        self.store_config = config.store.store_config()
+        Path(config.store.dir).mkdir(parents=True, exist_ok=True)
+        self.writer = RecordWriter(config.store.dir, self.store_config)
+        self.upstreams = config.resolved_upstreams()
+        self.services: list[Service] = []
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP. Reserved for rule reload (issue 7): will build a new Engine and swap it."""
+        log.info("SIGHUP received: rule reload is not implemented yet (issue 7)")
+
+    async def start(self) -> None:
+        await self.writer.start()
+        try:
+            for factory in SERVICE_FACTORIES:
+                service = factory(self)
+                if service is None:
+                    continue
+                await service.start()
+                self.services.append(service)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping %s failed", service.name)
+        self.services.clear()
+        await self.writer.close()
+
+    async def run(self, on_ready: Callable[[App], Any] | None = None) -> None:
+        """Start, wait for SIGTERM/SIGINT, stop. ``on_ready`` is called once serving."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready(self)
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,327 @@
+"""DNS worker processes and the record channel that feeds the one writer.
+
+Owns: starting N DNS shim processes that share the listen port
+(SO_REUSEPORT), the socketpair each uses to send its records to the main
+process in batches (``ChannelSink`` → ``ChannelReader`` → ``RecordWriter.submit``),
+and their orderly stop. Must not: decide anything about traffic or write SQL.
+
+Why processes: measured on the 2-core test machine (benchmarks/bench_dns.py),
+the store writer (encoding, chain hashing, SQLite) costs ~28 µs of CPU per
+record and shares the GIL with whatever runs in its process; a shim in the
+writer's process answered 16k cache hits/s, the same shim in its own process
+over 35k. So the writer stays in the main process and DNS is answered
+elsewhere; with ``dns.workers = 2`` two shims split the port. The kernel
+spreads datagrams over the group with a classic-BPF program returning a random
+index (SO_ATTACH_REUSEPORT_CBPF): the default 4-tuple hash would put every
+query of one client (or of a benchmark with 4 source ports) on one worker.
+
+Channel format: frames of a 4-byte big-endian length, one type byte and a
+payload: ``H`` + JSON hello (pid, bound addresses), ``R`` + msgpack list of
+records (the storage schema's tagged structs), ``S`` + JSON stats.
+
+Durability note: a worker holds records for at most ``CHANNEL_FLUSH_S`` before
+sending them; the writer then commits within its own ``commit_interval_ms``.
+SIGTERM loses nothing (the worker flushes, the reader drains to EOF, then the
+writer closes); ``kill -9`` of a worker loses at most its unsent batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgspec
+
+from linewarden.config import DnsConfig
+from proxy.identity import Binding, Identity
+from storage.records import AnyRecord, Record
+
+log = logging.getLogger("linewarden.workers")
+
+CHANNEL_BATCH = 512
+"""Records per frame at most: large enough that framing costs nothing, small
+enough (~100 KB) that a frame never stalls the reader's loop."""
+CHANNEL_FLUSH_S = 0.02
+"""A worker sends what it holds at least this often: well under the writer's
+200 ms commit interval, so batching here adds little to a record's latency."""
+CHANNEL_MAX_BUFFER = 32 << 20
+"""Bytes a worker may have queued unsent to the main process (~150k records).
+Past it the store's overflow policy applies in the worker: fail-open drops
+and counts, fail-closed refuses (the shim answers SERVFAIL)."""
+START_TIMEOUT_S = 60.0
+"""A worker must compile the rule set and bind within this, or start fails."""
+STOP_TIMEOUT_S = 10.0
+"""A worker gets this long after SIGTERM to flush before it is killed."""
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+SKF_AD_RANDOM = -0x1000 + 56
+
+
+def attach_random_reuseport(sock: socket.socket, n: int) -> bool:
+    """Spread a SO_REUSEPORT group's packets at random over its ``n`` sockets.
+
+    cBPF program: ``ld rand; mod #n; ret a``. Returns False where the kernel
+    refuses (the default 4-tuple hash then applies).
+    """
+    if n < 2:
+        return True
+    insns = [(0x20, 0, 0, SKF_AD_RANDOM & 0xFFFFFFFF),  # BPF_LD|BPF_W|BPF_ABS
+             (0x94, 0, 0, n),                           # BPF_ALU|BPF_MOD|BPF_K
+             (0x16, 0, 0, 0)]                           # BPF_RET|BPF_A
+    prog = b"".join(struct.pack("HBBI", *i) for i in insns)
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("HL", len(insns), ctypes.addressof(buf))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as e:
+        log.warning("SO_ATTACH_REUSEPORT_CBPF refused (%s); kernel hash spreads DNS", e)
+        return False
+    return True
+
+
+_record_decoder = msgspec.msgpack.Decoder(list[AnyRecord])  # type: ignore[valid-type]
+_encoder = msgspec.msgpack.Encoder()
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload) + 1) + kind + payload
+
+
+class ChannelSink:
+    """A worker's ``RecordSink``: batches records to the main process (never awaits)."""
+
+    def __init__(self, transport: asyncio.Transport, fail_open: bool) -> None:
+        self.transport = transport
+        self.fail_open = fail_open
+        self.buf: list[Record] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.dropped = 0
+        self.refused = 0
+        self.sent = 0
+
+    def submit(self, record: Record) -> bool:
+        if self.transport.get_write_buffer_size() > CHANNEL_MAX_BUFFER or self.transport.is_closing():
+            if self.fail_open:
+                self.dropped += 1
+                return True
+            self.refused += 1
+            return False
+        self.buf.append(record)
+        if len(self.buf) >= CHANNEL_BATCH:
+            self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(CHANNEL_FLUSH_S, self.flush)
+        return True
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.buf and not self.transport.is_closing():
+            self.transport.write(frame(b"R", _encoder.encode(self.buf)))
+            self.sent += len(self.buf)
+        self.buf = []
+
+    def send(self, kind: bytes, obj: Any) -> None:
+        self.transport.write(frame(kind, json.dumps(obj).encode()))
+
+
+class _SinkProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    def pause_writing(self) -> None:
+        self.drained.clear()
+
+    def resume_writing(self) -> None:
+        self.drained.set()
+
+
+class ChannelReader(asyncio.Protocol):
+    """Main-process side of one worker's channel: frames → ``writer.submit``."""
+
+    def __init__(self, writer: Any, worker: WorkerHandle) -> None:
+        self.writer = writer
+        self.worker = worker
+        self.buf = bytearray()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= 4:
+            n = int.from_bytes(self.buf[:4], "big")
+            if len(self.buf) < 4 + n:
+                return
+            kind, payload = self.buf[4:5], bytes(self.buf[5:4 + n])
+            del self.buf[:4 + n]
+            try:
+                self._frame(bytes(kind), payload)
+            except Exception:
+                log.exception("bad frame from dns worker %d", self.worker.index)
+
+    def _frame(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"R":
+            submit = self.writer.submit
+            records = _record_decoder.decode(payload)
+            for rec in records:
+                if not submit(rec):
+                    self.worker.refused += 1
+            self.worker.records += len(records)
+        elif kind == b"H":
+            hello = json.loads(payload)
+            self.worker.udp_address = tuple(hello["udp"])
+            self.worker.tcp_address = tuple(hello["tcp"])
+            if not self.worker.ready.done():
+                self.worker.ready.set_result(True)
+        elif kind == b"S":
+            self.worker.stats = json.loads(payload)
+        elif kind == b"E":
+            if not self.worker.ready.done():
+                self.worker.ready.set_exception(RuntimeError(payload.decode(errors="replace")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.worker.ready.done():
+            self.worker.ready.set_exception(RuntimeError("dns worker exited before it was ready"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    process: Any = None
+    reader: ChannelReader | None = None
+    ready: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    udp_address: tuple[Any, ...] | None = None
+    tcp_address: tuple[Any, ...] | None = None
+    records: int = 0
+    refused: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs (picklable: sent to a spawned interpreter)."""
+
+    dns: DnsConfig
+    rules_dir: str
+    backend: str
+    bindings: tuple[Binding, ...]
+    upstreams: tuple[tuple[str, int], ...]
+    fail_open: bool
+    count: int
+
+
+class DnsWorkers:
+    """The DNS service as ``dns.workers`` processes (``start``/``stop``, like every service)."""
+
+    name = "dns"
+
+    def __init__(self, spec: WorkerSpec, writer: Any) -> None:
+        self.spec = replace(spec, dns=replace(spec.dns, sinkhole=dict(spec.dns.sinkhole)))
+        self.writer = writer
+        self.workers: list[WorkerHandle] = []
+
+    @property
+    def udp_address(self) -> tuple[Any, ...] | None:
+        return self.workers[0].udp_address if self.workers else None
+
+    @property
+    def tcp_address(self) -> tuple[Any, ...] | None:
+        return self.workers[0].tcp_address if self.workers else None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        spec = self.spec
+        try:
+            for i in range(spec.count):
+                if i == 1 and spec.dns.listen.endswith(":0"):
+                    # Port 0: the later workers join the port the first one got.
+                    host = spec.dns.listen.rsplit(":", 1)[0]
+                    port = self.workers[0].udp_address[1]  # type: ignore[index]
+                    spec = replace(spec, dns=replace(spec.dns, listen=f"{host}:{port}"))
+                parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                h = WorkerHandle(i)
+                proc = ctx.Process(target=worker_main, args=(spec, i, child),
+                                   name=f"linewarden-dns-{i}", daemon=False)
+                proc.start()
+                child.close()
+                h.process = proc
+                _, h.reader = await loop.connect_accepted_socket(
+                    lambda h=h: ChannelReader(self.writer, h), parent)
+                self.workers.append(h)
+                await asyncio.wait_for(h.ready, START_TIMEOUT_S)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("dns: %d worker process(es) on %s", len(self.workers), self.udp_address)
+
+    async def stop(self) -> None:
+        for h in self.workers:
+            if h.process is not None and h.process.is_alive() and h.process.pid:
+                os.kill(h.process.pid, signal.SIGTERM)
+        for h in self.workers:
+            if h.reader is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(h.reader.closed), STOP_TIMEOUT_S)
+                except (asyncio.TimeoutError, TimeoutError):
+                    log.error("dns worker %d did not stop in time; killing it", h.index)
+                    if h.process.is_alive() and h.process.pid:
+                        os.kill(h.process.pid, signal.SIGKILL)
+            if h.process is not None:
+                await asyncio.get_running_loop().run_in_executor(None, h.process.join, 5)
+        self.workers.clear()
+
+
+def worker_main(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
+    """Entry point of a worker process."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s dns-{index} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    uvloop.run(_worker(spec, index, chan))
+
+
+async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
+    from proxy.dns_shim import DnsShim, EngineRef
+    from rules.engine import Engine
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.connect_accepted_socket(_SinkProtocol, chan)
+    sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
+    try:
+        engine = Engine.from_dir(spec.rules_dir, backend=spec.backend)
+        shim = DnsShim(spec.dns, EngineRef(engine), sink, Identity(spec.bindings),
+                       upstreams=list(spec.upstreams), reuse_port=spec.count > 1,
+                       uid_prefix=f"D{os.getpid():x}.")
+        await shim.start()
+        if spec.count > 1 and index == spec.count - 1 and shim.udp_sock is not None:
+            attach_random_reuseport(shim.udp_sock, spec.count)
+    except Exception as e:
+        sink.send(b"E", f"{type(e).__name__}: {e}")
+        transport.close()
+        return
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: rule reload is issue 7"))
+    sink.send(b"H", {"pid": os.getpid(), "udp": list(shim.udp_address or ()),
+                     "tcp": list(shim.tcp_address or ())})
+    await stop.wait()
+    await shim.stop()
+    sink.flush()
+    sink.send(b"S", dict(shim.stats) | {"dropped": sink.dropped, "refused": sink.refused,
+                                        "sent": sink.sent})
+    await proto.drained.wait()
+    transport.close()
+    await asyncio.sleep(0)

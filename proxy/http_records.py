@@ -1,0 +1,223 @@
+"""Record builders shared by the two HTTP/TLS paths (fast path and mitmproxy addon).
+
+Owns: connection ids, the Community ID flow hash, and turning what an adapter
+saw (addresses, head fields, byte counts, the Engine's ``Verdict``) into
+``storage.records`` ``Conn`` / ``Http`` / ``Tls`` records. Both paths call
+these functions, so the same transaction gives the same record whichever path
+carried it.
+
+Must not: read the clock (``ts`` is the caller's argument, STYLE.md 2), decide
+anything, or write to the store (the caller hands records to ``RecordWriter.submit``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from proxy.community_id import community_id
+from rules.verdict import Match, Verdict, combine_action
+from storage.records import Conn, Http, Tls
+
+EVIDENCE_CHARS = 2048
+"""Evidence kept on a block: the matched snippets, at most this many characters.
+Enough for an auditor to read each match in its sentence; small enough that a
+flood of blocks cannot fill the store."""
+
+URL_CHARS = 4096
+"""Longest URL recorded; longer ones are cut (browsers stop at about 2 MB, a log
+line should not)."""
+
+_UID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+Headers = Sequence[tuple[bytes, bytes]]
+DnsNames = Callable[[str, str], str | None]
+"""(client_ip, server_ip) → the name the client last resolved to server_ip."""
+
+
+def new_uid() -> str:
+    """A connection id in Zeek's style: ``C`` + 17 base62 characters (~101 bits)."""
+    n = secrets.randbits(101)
+    out = []
+    for _ in range(17):
+        n, r = divmod(n, 62)
+        out.append(_UID_ALPHABET[r])
+    return "C" + "".join(out)
+
+
+@dataclass(slots=True)
+class ConnInfo:
+    """What both paths know about one client connection; mutable while it lives."""
+
+    uid: str
+    ts: int
+    """Accept time, µs UTC."""
+    client_ip: str
+    client_port: int
+    server_ip: str | None = None
+    server_port: int | None = None
+    nat_ip: str | None = None
+    nat_port: int | None = None
+    account: str | None = None
+    client_mac: str | None = None
+    dns_name: str | None = None
+
+    def common(self) -> dict[str, object]:
+        cid = None
+        if self.server_ip and self.server_port:
+            try:
+                cid = community_id(6, self.client_ip, self.server_ip, self.client_port, self.server_port)
+            except ValueError:
+                cid = None  # mixed address families (v4 client, v6 server): no flow hash
+        return {
+            "uid": self.uid,
+            "account": self.account,
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "client_mac": self.client_mac,
+            "nat_ip": self.nat_ip,
+            "nat_port": self.nat_port,
+            "server_ip": self.server_ip,
+            "server_port": self.server_port,
+            "community_id": cid,
+        }
+
+
+def merge(verdicts: Sequence[Verdict | None]) -> Verdict:
+    """One verdict for a transaction from its parts (request head/body, response)."""
+    matches: list[Match] = []
+    seen: set[str] = set()
+    version = 0
+    truncated = False
+    errors: list[str] = []
+    for v in verdicts:
+        if v is None:
+            continue
+        version = v.ruleset_version or version
+        truncated = truncated or v.truncated
+        errors.extend(e for e in v.errors if e not in errors)
+        for m in v.matches:
+            if m.rule_id not in seen:
+                seen.add(m.rule_id)
+                matches.append(m)
+    return Verdict(combine_action(matches), tuple(matches), version, truncated, tuple(errors))
+
+
+def header(headers: Headers, name: bytes) -> str | None:
+    """First value of header ``name`` (lower-case bytes), decoded latin-1."""
+    for k, v in headers:
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def http_record(
+    conn: ConnInfo,
+    ts: int,
+    *,
+    method: str | None,
+    url: str | None,
+    host: str | None,
+    req_headers: Headers,
+    status: int | None,
+    resp_headers: Headers = (),
+    req_bytes: int = 0,
+    resp_bytes: int = 0,
+    verdict: Verdict,
+    action: str | None = None,
+) -> Http:
+    """The http record of one transaction. ``action`` overrides the verdict's
+    (a policy block past a cap, a malformed message)."""
+    first = verdict.matches[0] if verdict.matches else None
+    act = action or verdict.action
+    return Http(
+        ts=ts,
+        **conn.common(),  # type: ignore[arg-type]
+        action=act,  # type: ignore[arg-type]
+        rule_ids=list(verdict.rule_ids),
+        ruleset_version=verdict.ruleset_version or None,
+        method=method,
+        host=host,
+        url=url[:URL_CHARS] if url else url,
+        status=status,
+        content_type=header(resp_headers, b"content-type"),
+        req_bytes=req_bytes,
+        resp_bytes=resp_bytes,
+        user_agent=header(req_headers, b"user-agent"),
+        referrer=header(req_headers, b"referer"),
+        category=first.category if first else None,
+        keyword=first.pattern if first else None,
+        snippet=first.snippet if first else None,
+        evidence=evidence(verdict) if act == "block" else None,
+    )
+
+
+def evidence(verdict: Verdict) -> str | None:
+    """The matched snippets of a block, capped at ``EVIDENCE_CHARS``."""
+    parts = [f"[{m.rule_id} {m.where}] {m.snippet}" for m in verdict.matches if m.snippet]
+    if verdict.errors:
+        parts.append("errors: " + "; ".join(verdict.errors))
+    text = "\n".join(parts)
+    return text[:EVIDENCE_CHARS] or None
+
+
+def tls_record(
+    conn: ConnInfo,
+    ts: int,
+    *,
+    sni: str | None,
+    alpn: Sequence[str],
+    versions: Sequence[str],
+    verdict: Verdict,
+    intercepted: bool,
+) -> Tls:
+    return Tls(
+        ts=ts,
+        **conn.common(),  # type: ignore[arg-type]
+        action=verdict.action,
+        rule_ids=list(verdict.rule_ids),
+        ruleset_version=verdict.ruleset_version or None,
+        sni=sni,
+        alpn=list(alpn),
+        tls_version=highest_version(versions),
+        intercepted=intercepted,
+    )
+
+
+_VERSION_ORDER = ("SSLv3", "TLSv1", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def highest_version(versions: Sequence[str]) -> str | None:
+    known = [v for v in versions if v in _VERSION_ORDER]
+    if known:
+        return max(known, key=_VERSION_ORDER.index)
+    return versions[0] if versions else None
+
+
+def conn_record(
+    conn: ConnInfo,
+    ts_end: int,
+    *,
+    service: str | None,
+    bytes_up: int,
+    bytes_down: int,
+    close_reason: str,
+    action: str = "allow",
+    rule_ids: Sequence[str] = (),
+    ruleset_version: int | None = None,
+) -> Conn:
+    return Conn(
+        ts=conn.ts,
+        **conn.common(),  # type: ignore[arg-type]
+        action=action,  # type: ignore[arg-type]
+        rule_ids=list(rule_ids),
+        ruleset_version=ruleset_version,
+        proto="tcp",
+        service=service,
+        ts_end=ts_end,
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        close_reason=close_reason,
+        dns_name=conn.dns_name,
+    )

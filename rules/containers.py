@@ -1,0 +1,437 @@
+"""Containers: turn a decoded-from-coding body into text runs by its media type.
+
+Owns: the ``Text``/``Break`` run events, Content-Type parsing, and the incremental readers
+for text/plain, HTML (via ``rules.html``), application/x-www-form-urlencoded (each field
+value a run, ``where="form:<name>"``), multipart/form-data (each text part a run,
+``where="multipart:<name>"``, binary parts skipped) and JSON (each string a run,
+``where="json"``).
+
+Must not: undo content codings (``rules.codings``), raise on bad input (damage becomes an
+entry of ``errors`` and the reader scans what it can), or hold more than a named bound of
+input: every reader streams, carrying only an unfinished escape, delimiter or head.
+
+Charsets: text containers decode with ``rules.charset.TextDecoder`` (BOM, declared charset,
+``<meta>`` for HTML, else sniffed); a form value's percent-decoded bytes, and a multipart
+text part, each get their own decoder (their declared charset, else UTF-8 if valid, else
+GB18030), as corpus/README.md "How labels were decided" step 4 says.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from rules.charset import SNIFF_BYTES, TextDecoder
+from rules.html import HtmlText
+
+MAX_NAME_BYTES = 256
+"""Longest form-field or part name kept for ``where`` (a label, not scanned text)."""
+
+MAX_PART_HEAD_BYTES = 16 * 1024
+"""Largest header block of one multipart part (browsers send about 150 bytes); a bigger
+one is an error and the rest of the body is skipped."""
+
+JSON_ESCAPE_CARRY = 12
+"""Chars of an unfinished JSON escape carried between feeds (a surrogate pair is 12)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Contiguous text of the current run."""
+
+    where: str
+    """Where the text came from: ``body``, ``json``, ``form:<name>``, ``multipart:<name>``,
+    ``path``, ``query`` (a change of ``where`` also ends the run)."""
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    """The current text run ends here (a keyword must not match across it)."""
+
+
+type Event = Text | Break
+BREAK = Break()
+
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def parse_content_type(value: bytes | str | None) -> tuple[str, dict[str, str]]:
+    """``text/html; charset="gbk"`` -> ("text/html", {"charset": "gbk"}) (RFC 9110 8.3.1)."""
+    if value is None:
+        return "", {}
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    mime, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    for found in _PARAM.finditer(";" + rest):
+        raw = found.group(2).strip()
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params.setdefault(found.group(1).lower(), raw)
+    return mime.strip().lower(), params
+
+
+def _label(name: bytes) -> str:
+    return name[:MAX_NAME_BYTES].decode("utf-8", "replace")
+
+
+class PlainText:
+    """text/plain and other text: the whole body is one run."""
+
+    def __init__(self, charset: str | None, *, where: str = "body",
+                 sniff_bytes: int = SNIFF_BYTES, html: bool = False) -> None:
+        self.where = where
+        self._decoder = TextDecoder(charset, html=html, sniff_bytes=sniff_bytes)
+        self.errors = self._decoder.errors
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._wrap(self._decoder.feed(data))
+
+    def finish(self) -> list[Event]:
+        return self._wrap(self._decoder.finish())
+
+    def _wrap(self, text: str) -> list[Event]:
+        return [Text(self.where, text)] if text else []
+
+
+class Html(PlainText):
+    """text/html and XHTML: decoded, then cut into the runs a reader sees."""
+
+    def __init__(self, charset: str | None, *, sniff_bytes: int = SNIFF_BYTES) -> None:
+        super().__init__(charset, sniff_bytes=sniff_bytes, html=True)
+        self._html = HtmlText()
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._events(self._html.feed(self._decoder.feed(data)))
+
+    def finish(self) -> list[Event]:
+        pieces = self._html.feed(self._decoder.finish()) + self._html.finish()
+        return self._events(pieces)
+
+    def _events(self, pieces: list[str | None]) -> list[Event]:
+        where = self.where
+        return [BREAK if piece is None else Text(where, piece) for piece in pieces]
+
+
+class FormUrlencoded:
+    """application/x-www-form-urlencoded (WHATWG URL 5.1): ``name=value&...``, ``+`` is a
+    space, percent escapes are bytes; each value is its own run, decoded by its own
+    charset decoder. Invalid escapes stay literal (as the WHATWG parser leaves them)."""
+
+    def __init__(self, charset: str | None, *, sniff_bytes: int = SNIFF_BYTES) -> None:
+        self.charset = charset
+        self.sniff_bytes = sniff_bytes
+        self.errors: list[str] = []
+        self._name = bytearray()
+        self._tail = b""  # an unfinished escape ("%" or "%X") of the current value
+        self._field: PlainText | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        pos = 0
+        while pos < len(data):
+            pos = self._value(data, pos, events) if self._field else self._key(data, pos, events)
+        return events
+
+    def finish(self) -> list[Event]:
+        events: list[Event] = []
+        if self._field is not None:
+            self._end_value(events)
+        self._name.clear()
+        return events
+
+    def _key(self, data: bytes, pos: int, events: list[Event]) -> int:
+        amp, eq = data.find(b"&", pos), data.find(b"=", pos)
+        if eq >= 0 and (amp < 0 or eq < amp):
+            self._add_name(data[pos:eq])
+            name = unquote_to_bytes(bytes(self._name).replace(b"+", b" "))
+            self._field = PlainText(self.charset, where=f"form:{_label(name)}",
+                                    sniff_bytes=self.sniff_bytes)
+            self._name.clear()
+            return eq + 1
+        if amp >= 0:  # a name without "=": an empty value, nothing to scan
+            self._name.clear()
+            return amp + 1
+        self._add_name(data[pos:])
+        return len(data)
+
+    def _add_name(self, piece: bytes) -> None:
+        room = MAX_NAME_BYTES * 3 - len(self._name)  # percent-encoded: 3 bytes a byte
+        if room > 0:
+            self._name += piece[:room]
+
+    def _value(self, data: bytes, pos: int, events: list[Event]) -> int:
+        assert self._field is not None
+        amp = data.find(b"&", pos)
+        end = len(data) if amp < 0 else amp
+        raw = self._tail + data[pos:end]
+        self._tail = b""
+        if amp < 0:
+            cut = raw.rfind(b"%", max(0, len(raw) - 2))
+            if cut >= 0:
+                raw, self._tail = raw[:cut], raw[cut:]
+        events.extend(self._field.feed(unquote_to_bytes(raw.replace(b"+", b" "))))
+        if amp >= 0:
+            self._end_value(events)
+            return amp + 1
+        return len(data)
+
+    def _end_value(self, events: list[Event]) -> None:
+        assert self._field is not None
+        if self._tail:
+            events.extend(self._field.feed(self._tail))  # "%" or "%4" left literal
+            self._tail = b""
+        events.extend(self._field.finish())
+        self.errors.extend(self._field.errors)
+        events.append(BREAK)
+        self._field = None
+
+
+_JSON_SEGMENT = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
+_JSON_ESCAPE = re.compile(
+    r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|\\u([0-9a-fA-F]{4})|\\(.)", re.DOTALL)
+_JSON_TAIL = re.compile(r"\\u(?:[dD][89abAB][0-9a-fA-F]{2}(?:\\u?[0-9a-fA-F]{0,3})?"
+                        r"|[0-9a-fA-F]{0,3})\Z|\\\Z")
+_SIMPLE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+           "t": "\t"}
+
+
+class JsonStrings:
+    """JSON (RFC 8259): every string literal (keys included) is its own run, escapes
+    decoded, ``\\uD83D\\uDE00`` surrogate pairs joined. Invalid JSON is scanned on a best
+    effort basis: bad escapes are kept literally, lone surrogates become U+FFFD,
+    unbalanced brackets and unterminated strings are recorded as errors. Structure is
+    otherwise not validated (only the strings matter for matching)."""
+
+    def __init__(self, charset: str | None, *, sniff_bytes: int = SNIFF_BYTES) -> None:
+        self._decoder = TextDecoder(charset, sniff_bytes=sniff_bytes)
+        self.errors = self._decoder.errors
+        self._in_string = False
+        self._carry = ""
+        self._depth = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._scan(self._decoder.feed(data), final=False)
+
+    def finish(self) -> list[Event]:
+        events = self._scan(self._decoder.finish(), final=True)
+        if self._in_string:
+            self.errors.append("json: unterminated string")
+            events.append(BREAK)
+        elif self._depth:
+            self.errors.append("json: unbalanced brackets (truncated document?)")
+        return events
+
+    def _scan(self, text: str, final: bool) -> list[Event]:
+        text, self._carry = self._carry + text, ""
+        events: list[Event] = []
+        pos = 0
+        while pos < len(text):
+            if not self._in_string:
+                quote = text.find('"', pos)
+                outside = text[pos:] if quote < 0 else text[pos:quote]
+                self._depth += outside.count("{") + outside.count("[")
+                self._depth -= outside.count("}") + outside.count("]")
+                if quote < 0:
+                    break
+                self._in_string, pos = True, quote + 1
+                continue
+            pos = self._string(text, pos, final, events)
+        return events
+
+    def _string(self, text: str, pos: int, final: bool, events: list[Event]) -> int:
+        end = _JSON_SEGMENT.match(text, pos).end()  # type: ignore[union-attr]
+        closed = end < len(text) and text[end] == '"'
+        piece = text[pos:end]
+        if not closed and not final:
+            tail = _JSON_TAIL.search(text, max(pos, len(text) - JSON_ESCAPE_CARRY))
+            if tail is not None and self._escape_starts(text, tail.start(), pos):
+                piece, self._carry = text[pos:tail.start()], text[tail.start():]
+            elif end < len(text):  # a lone backslash at the very end
+                self._carry = text[end:]
+        decoded = self._unescape(piece) if "\\" in piece else piece
+        if decoded:
+            events.append(Text("json", decoded))
+        if closed:
+            events.append(BREAK)
+            self._in_string = False
+            return end + 1
+        return len(text)
+
+    @staticmethod
+    def _escape_starts(text: str, at: int, start: int) -> bool:
+        """True if the backslash at ``at`` begins an escape (an even run precedes it)."""
+        run = 0
+        while at - run - 1 >= start and text[at - run - 1] == "\\":
+            run += 1
+        return run % 2 == 0
+
+    def _unescape(self, piece: str) -> str:
+        return _JSON_ESCAPE.sub(self._escape, piece)
+
+    def _escape(self, found: re.Match[str]) -> str:
+        high, low, single, simple = found.groups()
+        if high is not None:
+            return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
+        if single is not None:
+            code = int(single, 16)
+            if 0xD800 <= code <= 0xDFFF:
+                self.errors.append("json: lone surrogate escape replaced with U+FFFD")
+                return "\ufffd"
+            return chr(code)
+        if simple in _SIMPLE:
+            return _SIMPLE[simple]
+        self.errors.append(f"json: invalid escape \\{simple} kept literally")
+        return simple
+
+
+class Multipart:
+    """multipart/form-data (RFC 7578, RFC 2046 5.1): each part with no Content-Type or a
+    textual one is a run decoded with the part's charset (else sniffed); other parts
+    (files such as image/png) are skipped. Streams: carries at most one delimiter's
+    length of body, or one part head (``MAX_PART_HEAD_BYTES``)."""
+
+    def __init__(self, boundary: str | None, charset: str | None, *,
+                 sniff_bytes: int = SNIFF_BYTES) -> None:
+        self.charset = charset
+        self.sniff_bytes = sniff_bytes
+        self.errors: list[str] = []
+        self._fallback: PlainText | None = None
+        if not boundary:
+            self.errors.append("multipart: no boundary parameter: scanned as plain text")
+            self._fallback = PlainText(charset, where="multipart:", sniff_bytes=sniff_bytes)
+        # RFC 2046 5.1.1: the delimiter is CRLF "--" boundary; the CRLF belongs to it.
+        self._delim = b"\r\n--" + (boundary or "").encode("latin-1", "replace")
+        self._buf = bytearray(b"\r\n")  # lets a first boundary at offset 0 match
+        self._state = "preamble"
+        self._part: PlainText | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._fallback is not None:
+            return self._fallback.feed(data)
+        self._buf += data
+        events: list[Event] = []
+        while self._step(events):
+            pass
+        return events
+
+    def finish(self) -> list[Event]:
+        if self._fallback is not None:
+            return self._fallback.finish()
+        events: list[Event] = []
+        if self._state == "body":
+            self._body_piece(bytes(self._buf), events)
+            self._end_part(events)
+            self.errors.append("multipart: body ends inside a part (no closing boundary)")
+        elif self._state in ("preamble", "head", "delim"):
+            self.errors.append("multipart: body ends before the closing boundary")
+        self._buf.clear()
+        return events
+
+    def _step(self, events: list[Event]) -> bool:
+        state = self._state
+        if state == "preamble":
+            return self._find_delimiter(events, keep_body=False)
+        if state == "delim":
+            return self._after_delimiter()
+        if state == "head":
+            return self._head()
+        if state == "body":
+            return self._find_delimiter(events, keep_body=True)
+        self._buf.clear()  # epilogue: ignored (RFC 2046 5.1.1)
+        return False
+
+    def _find_delimiter(self, events: list[Event], *, keep_body: bool) -> bool:
+        at = self._buf.find(self._delim)
+        if at < 0:
+            keep = len(self._delim) - 1
+            if len(self._buf) > keep:
+                cut = len(self._buf) - keep
+                if keep_body:
+                    self._body_piece(bytes(self._buf[:cut]), events)
+                del self._buf[:cut]
+            return False
+        if keep_body:
+            self._body_piece(bytes(self._buf[:at]), events)
+            self._end_part(events)
+        del self._buf[:at + len(self._delim)]
+        self._state = "delim"
+        return True
+
+    def _after_delimiter(self) -> bool:
+        # RFC 2046 5.1.1: boundary "--" ends the body; else transport padding, then CRLF.
+        if self._buf[:2] == b"--":
+            self._state = "epilogue"
+            return True
+        line_end = self._buf.find(b"\r\n")
+        if line_end < 0:
+            if len(self._buf) > MAX_PART_HEAD_BYTES:
+                return self._give_up("multipart: boundary line too long")
+            return False
+        del self._buf[:line_end + 2]
+        self._state = "head"
+        return True
+
+    def _head(self) -> bool:
+        end = 0 if self._buf[:2] == b"\r\n" else self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_PART_HEAD_BYTES:
+                return self._give_up(f"multipart: part head over {MAX_PART_HEAD_BYTES} bytes")
+            return False
+        head = bytes(self._buf[:end])
+        del self._buf[:end + (2 if end == 0 else 4)]
+        self._part = self._open_part(head)
+        self._state = "body"
+        return True
+
+    def _give_up(self, reason: str) -> bool:
+        self.errors.append(reason)
+        self._state = "epilogue"
+        self._buf.clear()
+        return False
+
+    def _open_part(self, head: bytes) -> PlainText | None:
+        fields: dict[str, str] = {}
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        mime, params = parse_content_type(fields.get("content-type"))
+        if mime and not is_textual(mime):
+            return None
+        _, disposition = parse_content_type(fields.get("content-disposition"))
+        name = disposition.get("name", "").encode("latin-1", "replace")
+        return PlainText(params.get("charset") or self.charset, where=f"multipart:{_label(name)}",
+                         sniff_bytes=self.sniff_bytes)
+
+    def _body_piece(self, data: bytes, events: list[Event]) -> None:
+        if self._part is not None and data:
+            events.extend(self._part.feed(data))
+
+    def _end_part(self, events: list[Event]) -> None:
+        if self._part is not None:
+            events.extend(self._part.finish())
+            self.errors.extend(self._part.errors)
+            events.append(BREAK)
+        self._part = None
+
+
+TEXT_TYPES = frozenset({
+    "application/json", "application/ld+json", "application/problem+json",
+    "application/xml", "application/xhtml+xml", "application/rss+xml",
+    "application/atom+xml", "application/x-www-form-urlencoded",
+    "multipart/form-data",
+})
+"""Non-``text/*`` media types whose content is text for a reader or a server."""
+
+
+def is_textual(mime: str) -> bool:
+    """text/*, the types above, and any ``+json``/``+xml`` structured-syntax suffix
+    (RFC 6839). JavaScript and CSS are code, not text for a reader (like the contents of
+    ``<script>``/``<style>``, which HTML scanning also skips)."""
+    if mime in ("text/javascript", "text/css", "text/ecmascript"):
+        return False
+    return (mime.startswith("text/") or mime in TEXT_TYPES
+            or mime.endswith(("+json", "+xml")))

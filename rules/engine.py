@@ -1,0 +1,276 @@
+"""The Engine: one compiled rule set answering every adapter (DESIGN.md).
+
+Strategy: each question is reduced to *text runs* (rules/decode.py,
+rules/target.py), every run is normalised (rules/normalize.py) and streamed
+through one keyword matcher stream (rules/matcher.py), which is reset at each
+run break so that a keyword never spans two runs. Host names go to the domain
+matcher, host + path to the URL matcher. The answer is a ``Verdict``.
+
+Rules kept here:
+1. Sans-IO: bytes and headers in, ``Verdict`` out; no socket, file, clock or loop
+   (STYLE.md 1). ``from_dir`` is the only function that reads files, and it is
+   only called off the data path (start-up, reload).
+2. Immutable after ``compile``: an Engine is shared by every connection and
+   thread; per-message state lives in ``BodyScan``.
+3. Whole or in pieces, same answer (STYLE.md 3): ``http_request`` is
+   ``request_scanner`` fed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rules.decode import BodyDecoder, Break, DecodeLimits, Text
+from rules.domains import DomainMatcher
+from rules.matcher import KeywordMatcher
+from rules.normalize import normalize
+from rules.ruleset import RuleSet, load_ruleset
+from rules.target import host_of, idna_text, target_runs
+from rules.urls import UrlMatcher
+from rules.verdict import SNIPPET_CHARS, Match, Verdict, combine_action
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+SAMPLE_RULES = Path(__file__).resolve().parent / "sample"
+"""The sample rule set shipped in the package: the default of `linewarden run`."""
+
+SNIPPET_TAIL = 256
+"""Characters of normalised text kept behind the matcher stream per run, for
+snippets. Longer than any keyword (rules/ruleset.py caps them) plus the
+snippet's context, so the text before a match is always at hand."""
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """A compiled, immutable rule set."""
+
+    ruleset: RuleSet
+    keywords: KeywordMatcher
+    domains: DomainMatcher
+    urls: UrlMatcher
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+    @classmethod
+    def compile(
+        cls, ruleset: RuleSet, *, backend: str = "auto", limits: DecodeLimits | None = None
+    ) -> Engine:
+        return cls(
+            ruleset=ruleset,
+            keywords=KeywordMatcher.compile(ruleset.keywords, backend=backend),
+            domains=DomainMatcher.compile(ruleset.domains),
+            urls=UrlMatcher.compile(ruleset.urls),
+            limits=limits or DecodeLimits(),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kwargs: object) -> Engine:
+        """Load, validate and compile a rule-set directory (raises ``RuleSetError``)."""
+        return cls.compile(load_ruleset(Path(path)), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def version(self) -> int:
+        return self.ruleset.version
+
+    @property
+    def name(self) -> str:
+        return self.ruleset.name
+
+    # -- names -------------------------------------------------------------
+
+    def host(self, host: str | None, where: str = "host") -> Verdict:
+        return self._verdict(self._host_matches(host, where))
+
+    def dns(self, qname: str, qtype: int | str = 1) -> Verdict:
+        """A DNS question. Only domain rules apply: a name is not prose."""
+        return self._verdict(self._domain_matches(qname, "qname"))
+
+    def dns_chain(self, names: Iterable[str]) -> Verdict:
+        """The CNAME targets of an answer: blocked when any is listed."""
+        found: list[Match] = []
+        for name in names:
+            found.extend(self._domain_matches(name, "cname"))
+        return self._verdict(found)
+
+    def tls(self, sni: str | None) -> Verdict:
+        """A ClientHello's SNI (none: nothing to decide on, allowed)."""
+        return self._verdict(self._domain_matches(sni, "sni") if sni else [])
+
+    def scan_text(self, text: str, where: str = "text") -> Verdict:
+        """One run of plain text."""
+        scan = _RunScanner(self)
+        scan.text(where, text)
+        return self._verdict(scan.matches)
+
+    # -- HTTP --------------------------------------------------------------
+
+    def request_scanner(self, method: str, target: bytes, headers: Headers) -> BodyScan:
+        host = host_of(target, headers)
+        head = _RunScanner(self)
+        head.extend(self._host_matches(host, "host"))
+        head.extend(self._url_matches(host, target))
+        head.events(target_runs(target))
+        decoder = BodyDecoder(list(headers), is_request=True, limits=self.limits)
+        return BodyScan(self, head, decoder)
+
+    def response_scanner(self, status: int, headers: Headers) -> BodyScan:
+        decoder = BodyDecoder(list(headers), is_request=False, limits=self.limits)
+        return BodyScan(self, _RunScanner(self), decoder)
+
+    def http_request(
+        self, method: str, target: bytes, headers: Headers, body: bytes = b""
+    ) -> Verdict:
+        scan = self.request_scanner(method, target, headers)
+        scan.feed(body)
+        return scan.finish()
+
+    def http_response(self, status: int, headers: Headers, body: bytes = b"") -> Verdict:
+        scan = self.response_scanner(status, headers)
+        scan.feed(body)
+        return scan.finish()
+
+    # -- internals ---------------------------------------------------------
+
+    def _verdict(
+        self, matches: Iterable[Match], *, truncated: bool = False, errors: Iterable[str] = ()
+    ) -> Verdict:
+        unique = tuple(_first_per_rule(matches))
+        return Verdict(
+            action=combine_action(unique),
+            matches=unique,
+            ruleset_version=self.version,
+            truncated=truncated,
+            errors=tuple(errors),
+        )
+
+    def _domain_matches(self, name: str | None, where: str) -> list[Match]:
+        if not name:
+            return []
+        return [
+            Match(r.id, r.category, "domain", r.pattern, r.action, where, name)
+            for r in self.domains.match(name)
+        ]
+
+    def _host_matches(self, host: str | None, where: str) -> list[Match]:
+        found = self._domain_matches(host, where)
+        unicode_form = idna_text(host) if host else None
+        if unicode_form:
+            scan = _RunScanner(self)
+            scan.text(where, unicode_form)
+            found.extend(scan.matches)
+        return found
+
+    def _url_matches(self, host: str | None, target: bytes) -> list[Match]:
+        if not host:
+            return []
+        path = _path_of(target)
+        return [
+            Match(r.id, r.category, "url", r.url, r.action, "url", f"{host}{path}"[:128])
+            for r in self.urls.match(host, path)
+        ]
+
+
+class BodyScan:
+    """Per-message state: feed body bytes as they arrive, read the verdict so far.
+
+    ``feed`` returns a block verdict as soon as one block rule has fired, so a
+    proxy can stop forwarding; ``finish`` flushes the decoders and gives the
+    final verdict.
+    """
+
+    def __init__(self, engine: Engine, runs: _RunScanner, decoder: BodyDecoder) -> None:
+        self._engine = engine
+        self._runs = runs
+        self._decoder = decoder
+        self.head_verdict = engine._verdict(runs.matches)
+        """The decision on the start line and headers alone (host, URL rules, target)."""
+        self._done = False
+
+    def feed(self, data: bytes) -> Verdict:
+        if data and not self._done:
+            self._runs.events(self._decoder.feed(data))
+        return self._current()
+
+    def finish(self) -> Verdict:
+        if not self._done:
+            self._runs.events(self._decoder.finish())
+            self._done = True
+        return self._current()
+
+    def _current(self) -> Verdict:
+        return self._engine._verdict(
+            self._runs.matches,
+            truncated=self._decoder.truncated,
+            errors=self._decoder.errors,
+        )
+
+
+class _RunScanner:
+    """Streams text runs through the keyword matcher, resetting at run breaks."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._stream = engine.keywords.stream()
+        self._where: str | None = None
+        self._tail = ""
+        """Normalised text of the current run, last ``SNIPPET_TAIL`` characters."""
+        self._tail_start = 0
+        """Stream offset of ``_tail[0]``."""
+        self.matches: list[Match] = []
+
+    def extend(self, matches: Iterable[Match]) -> None:
+        self.matches.extend(matches)
+
+    def events(self, events: Iterable[Text | Break]) -> None:
+        for ev in events:
+            if isinstance(ev, Text):
+                self.text(ev.where, ev.text)
+            else:
+                self._break()
+
+    def text(self, where: str, text: str) -> None:
+        if where != self._where:
+            self._break()
+            self._where = where
+        norm = normalize(text)
+        if not norm:
+            return
+        buf = self._tail + norm
+        for index, end in self._stream.feed(norm):
+            self._hit(index, end, buf)
+        self._tail_start += max(0, len(buf) - SNIPPET_TAIL)
+        self._tail = buf[-SNIPPET_TAIL:]
+
+    def _break(self) -> None:
+        self._stream.reset()
+        self._tail = ""
+        self._tail_start = 0
+
+    def _hit(self, index: int, end: int, buf: str) -> None:
+        rule = self._engine.keywords.rules[index]
+        rel_end = end - self._tail_start
+        rel_start = rel_end - len(self._engine.keywords.patterns[index])
+        snippet = buf[max(0, rel_start - SNIPPET_CHARS) : rel_end + SNIPPET_CHARS]
+        where = self._where or "text"
+        self.matches.append(
+            Match(rule.id, rule.category, "keyword", rule.keyword, rule.action, where, snippet)
+        )
+
+
+def _first_per_rule(matches: Iterable[Match]) -> Iterable[Match]:
+    seen: set[str] = set()
+    for m in matches:
+        if m.rule_id not in seen:
+            seen.add(m.rule_id)
+            yield m
+
+
+def _path_of(target: bytes) -> str:
+    """The path of a request-target (origin or absolute form), without the query."""
+    text = target.decode("latin-1")
+    if "://" in text:
+        text = text.split("://", 1)[1]
+        slash = text.find("/")
+        text = text[slash:] if slash >= 0 else "/"
+    return text.split("?", 1)[0].split("#", 1)[0] or "/"

@@ -1,0 +1,292 @@
+"""HTML -> the text runs a person sees, incrementally, without a per-character Python loop.
+
+Owns: which markup ends a text run (block-level and replaced elements) and which does not
+(inline elements, unknown elements, comments, ``<wbr>``), skipping the contents of
+``<script>``/``<style>`` and friends, dropping attribute values, decoding character
+references, and the carry that makes the result independent of how the input is split.
+
+Must not: decode bytes (it takes ``str``; ``rules.charset`` decodes), normalise text, or
+hold more than ``MAX_TAG_CHARS`` of an unfinished tag.
+
+Output of ``feed``/``finish``: a list of pieces; a ``str`` continues the current run and
+``None`` ends it (``rules.decode`` turns them into ``Text``/``Break`` events).
+
+Strategy. One compiled regex, anchored on the literal ``<`` (so ``re`` skips text with a
+fast search), splits a chunk into text and markup in C. Each markup match is one of: a
+complete comment or bogus comment, a complete raw-text element (script/style...), a
+block tag (captured in ``brk``: it ends the run), any other tag (removed without a
+break), or a *stop*: the start of something not finished in this chunk. The text between
+matches is joined with a break marker where a block tag stood, and character references
+are decoded per text piece (never across a removed tag: a browser ends a reference at
+``<``). At a stop, the rest is carried to the next ``feed``; an unfinished comment or
+raw-text element switches to a state that discards its contents, keeping only a short
+tail, so memory stays bounded.
+
+Known simplifications (documented best effort): ``<title>``/``<textarea>`` contents are
+parsed as markup rather than RCDATA (they still form their own run); the script-data
+escape states (``<!--`` inside ``<script>``) are not modelled; content inside
+``<noscript>`` and ``<template>`` is scanned as text (a reader with scripts off sees it).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+MAX_TAG_CHARS = 64 * 1024
+"""Longest unfinished tag carried between feeds. Real tags reach tens of KiB only with
+inline ``data:`` URIs; past this bound the tag is ended at its first ``>`` or, without
+one, only its first ``TAG_KEEP_CHARS`` are kept (attribute values are not text anyway)."""
+
+TAG_KEEP_CHARS = 1024
+"""What is kept of an over-long unfinished tag that has no ``>`` yet."""
+
+ENTITY_TAIL_CHARS = 64
+"""A trailing ``&...`` shorter than this is carried (the longest named reference,
+``&CounterClockwiseContourIntegral;``, has 33 characters)."""
+
+BLOCK_ELEMENTS = frozenset("""
+address article aside blockquote body br button canvas caption center col colgroup dd
+details dialog dir div dl dt embed fieldset figcaption figure footer form frame frameset
+h1 h2 h3 h4 h5 h6 head header hgroup hr html iframe img input keygen legend li listing
+main menu meter nav object ol optgroup option output p plaintext pre progress search
+section select summary table tbody td textarea tfoot th thead title tr ul video audio xmp
+""".split())
+"""Elements that end a text run: the HTML Living Standard's rendering section (15.3.3
+"Flow content", 15.3.7 "Lists", 15.3.8 "Tables", 15.3.11 "Form controls", 15.4
+"Replaced elements") displays them as blocks, list items, table parts or replaced boxes,
+so text on either side is on another line or in another box. ``br`` and ``hr`` break a
+line. Everything else (``a b i u s em strong span font small mark sub sup code kbd abbr
+cite ins del time wbr``, and unknown or custom elements, which the rendering section
+makes inline) is rendered contiguously and does not end a run."""
+
+RAW_TEXT_SKIPPED = ("script", "style", "iframe", "noembed", "noframes")
+"""Raw-text elements whose contents are never shown as text (HTML 13.1.2: the contents
+of raw text elements are not markup; script and style are not rendered; iframe, noembed
+and noframes contents are fallbacks that current browsers do not display)."""
+
+_WS = "\t\n\f\r "
+# HTML 13.2.5.32-38 (attribute name and value states): a value is quoted only when its
+# first character after "=" is a quote; an unquoted value runs to whitespace or ">".
+_NAME = f"[^{_WS}/>=][^{_WS}/>=]*+"
+_VALUE = f"""(?:"[^"]*+"|'[^']*+'|[^{_WS}>"'][^{_WS}>]*+|(?=>))"""
+# "=" may start an attribute name (13.2.5.32), but not where it could open a quoted value
+# whose closing quote has not arrived yet (that must stay unfinished, not end early).
+_EQ_NAME = f"=(?![{_WS}]*+[\"'])[^{_WS}/>=]*+"
+_ATTRS = f"(?:[{_WS}/]++|{_NAME}(?:[{_WS}]*+=[{_WS}]*+{_VALUE})?+|{_EQ_NAME})*+"
+_END = f"(?=[{_WS}/>])"
+_RAW_COMPLETE = "|".join(f"{n}{_END}{_ATTRS}>.*?</{n}{_END}[^>]*+>" for n in RAW_TEXT_SKIPPED)
+_RAW_NAMES = "|".join(RAW_TEXT_SKIPPED)
+
+
+def _trie(words: frozenset[str]) -> str:
+    """An alternation of ``words`` factored by prefix: re tries branches one by one, so
+    sharing prefixes makes the block-tag test several times faster."""
+    tree: dict[str, dict] = {}
+    for word in words:
+        node = tree
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def emit(node: dict[str, dict]) -> str:
+        alts = [re.escape(c) + emit(sub) for c, sub in sorted(node.items()) if c]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(tree)
+
+
+_BLOCK_NAMES = _trie(BLOCK_ELEMENTS)
+
+_MARKUP = re.compile(
+    "(<(?:"
+    "!--(?:-?>|.*?--!?>)"                       # comment (13.2.5.43-52), incl. <!--> and <!--->
+    f"|{_RAW_COMPLETE}"                         # a whole script/style/... element
+    "|!(?!--)[^>]*+>|\\?[^>]*+>|/(?![A-Za-z])[^>]*+>"  # bogus comments, </>
+    f"|(?P<brk>/?(?:{_BLOCK_NAMES}){_END}){_ATTRS}>"   # block tag: ends the run
+    f"|(?:/[A-Za-z]|(?!(?:{_RAW_NAMES}){_END})[A-Za-z])[^{_WS}/>]*+{_ATTRS}>"  # other tag
+    f"|(?P<stop>!--|(?:{_RAW_NAMES}){_END}{_ATTRS}>|[!?/A-Za-z]|\\Z)"  # unfinished here
+    "))",
+    re.IGNORECASE | re.ASCII | re.DOTALL,  # tag names are ASCII case-insensitive
+)
+_STRIDE = 4  # re.split yields: text, whole match, brk, stop
+_ENTITY_TAIL = re.compile(r"&#?[0-9A-Za-z]*\Z")
+_TAG_NAME = re.compile(f"</?([^{_WS}/>]*)")
+_BLANK_RUNS = re.compile("\x00(?:\\s*\x00)+")
+_COMMENT_END = re.compile(r"--!?>")
+_RAW_END = {n: re.compile(f"</{n}(?=[{_WS}/>])[^>]*>|</{n}(?:[{_WS}/][^>]{{0,1024}})?\\Z",
+                          re.IGNORECASE | re.ASCII) for n in RAW_TEXT_SKIPPED}
+
+type Piece = str | None
+
+
+class HtmlText:
+    """Incremental HTML -> text runs; same output however the input ``str`` is split."""
+
+    def __init__(self) -> None:
+        self._carry = ""
+        self._carry_is_tag = False  # the carry is an unfinished tag (needs a ">")
+        self._state = "data"  # or "comment" or one of RAW_TEXT_SKIPPED
+        self._in_run = False  # text emitted since the last break
+        self.forced_tags = 0
+        """How many unfinished tags were ended at their first '>' (see ``_force_tag_end``)."""
+
+    def feed(self, text: str) -> list[Piece]:
+        if self._carry_is_tag and ">" not in text:
+            # An unfinished tag cannot finish without ">": append, do not re-scan.
+            self._carry += text
+            if len(self._carry) > MAX_TAG_CHARS:
+                return self._run(final=False)
+            return []
+        return self._run_with(text, final=False)
+
+    def finish(self) -> list[Piece]:
+        out = self._run_with("", final=True)
+        self._carry, self._carry_is_tag = "", False
+        return out
+
+    def _run_with(self, text: str, final: bool) -> list[Piece]:
+        self._carry += text
+        return self._run(final)
+
+    def _run(self, final: bool) -> list[Piece]:
+        data = self._carry.replace("\x00", "")  # HTML 13.2.6.4.7: NUL in body is ignored
+        self._carry, self._carry_is_tag = "", False
+        out: list[Piece] = []
+        pos = 0
+        while 0 <= pos < len(data):
+            if self._state != "data":
+                pos = self._skip(data, pos, final)
+            else:
+                pos = self._data(data, pos, final, out)
+        return out
+
+    def _skip(self, data: str, pos: int, final: bool) -> int:
+        """Inside a comment or a raw-text element: find its end, carry a short tail."""
+        if self._state == "comment":
+            found = _COMMENT_END.search(data, pos)
+            if found is None:
+                self._carry = "" if final else data[max(pos, len(data) - 3):]
+                return -1
+            self._state = "data"
+            return found.end()
+        found = _RAW_END[self._state].search(data, pos)
+        if found is None or not found.group().endswith(">"):
+            tail = len(self._state) + 3
+            start = found.start() if found is not None else max(pos, len(data) - tail)
+            self._carry = "" if final else data[start:]
+            return -1
+        self._state = "data"
+        return found.end()
+
+    def _data(self, data: str, pos: int, final: bool, out: list[Piece]) -> int:
+        """Split markup from text in C; returns where to continue, or -1 when done."""
+        parts = _MARKUP.split(data[pos:] if pos else data)
+        stops = parts[_STRIDE - 1::_STRIDE]
+        index = len(stops)
+        if stops.count(None) != index:
+            index = next(i for i, s in enumerate(stops) if s is not None)
+        texts = parts[0:_STRIDE * index + 1:_STRIDE]
+        brks = parts[2:_STRIDE * index:_STRIDE]
+        if index == len(stops):
+            tail = _ENTITY_TAIL.search(texts[-1]) if not final else None
+            if tail is not None and len(tail.group()) < ENTITY_TAIL_CHARS:
+                texts[-1] = texts[-1][:tail.start()]
+                self._carry = tail.group()
+            self._emit(texts, brks, out)
+            return -1
+        self._emit(texts, brks, out)
+        at = pos + sum(map(len, texts)) + sum(map(len, parts[1:_STRIDE * index:_STRIDE]))
+        stop = stops[index]
+        return self._at_stop(data, at, stop, final, out)
+
+    def _at_stop(self, data: str, at: int, stop: str, final: bool, out: list[Piece]) -> int:
+        if stop == "!--":
+            if len(data) - at < 6 and not final:
+                # "<!-->" and "<!--->" close at once (13.2.5.43-44): wait for two more chars.
+                self._carry = data[at:]
+                return -1
+            self._state = "comment"
+            return at + 4
+        if stop.endswith(">"):  # a raw-text start tag whose end is not here yet
+            self._state = _TAG_NAME.match("<" + stop).group(1).lower()  # type: ignore[union-attr]
+            return at + 1 + len(stop)
+        if final and stop == "":  # "<" at the end of input is text (13.2.5.6)
+            self._runs(["<"], out)
+            return -1
+        rest = data[at:]
+        if final or len(rest) > MAX_TAG_CHARS:
+            return self._force_tag_end(data, at, out)
+        self._carry, self._carry_is_tag = rest, stop != ""
+        return -1
+
+    def _force_tag_end(self, data: str, at: int, out: list[Piece]) -> int:
+        """Best effort for a tag that cannot finish (over-long, malformed, or cut by the end
+        of input): end it at its first '>'. A browser would drop an unterminated tag with
+        everything after it; scanning the rest instead can only add text, never hide it."""
+        self.forced_tags += 1
+        gt = data.find(">", at)
+        if gt >= 0:
+            name = _TAG_NAME.match(data, at)
+            if name is not None and name.group(1).lower() in BLOCK_ELEMENTS:
+                self._break(out)
+            return gt + 1
+        if at + TAG_KEEP_CHARS < len(data):
+            self._carry, self._carry_is_tag = data[at:at + TAG_KEEP_CHARS], True
+        else:
+            self._carry, self._carry_is_tag = data[at:], True
+        return -1
+
+    def _break(self, out: list[Piece]) -> None:
+        if self._in_run:
+            out.append(None)
+            self._in_run = False
+
+    def _emit(self, texts: list[str], brks: list[str | None], out: list[Piece]) -> None:
+        """Join the text pieces of one split and cut them into runs, all in C.
+
+        Pieces are joined with U+0001 where a tag was removed and U+0000 where a block tag
+        ended the run (neither can be in the text: NUL was dropped and U+0001 is removed
+        here). Character references are decoded once over the joined text; they cannot
+        run across a separator because no reference contains either character."""
+        if len(texts) == 1:
+            joined = texts[0]
+        else:
+            parts = [""] * (2 * len(texts) - 1)
+            parts[0::2] = texts
+            parts[1::2] = ["\x01" if brk is None else "\x00" for brk in brks]
+            joined = "".join(parts)
+        if "&" in joined:
+            # HTML 13.2.5.72-80 character reference states, as html.unescape implements
+            # them (numeric, named with the longest-prefix rule, legacy names without ";").
+            joined = html.unescape(joined)
+        if "\x01" in joined:
+            joined = joined.replace("\x01", "")
+        if "\x00" in joined:
+            # Runs holding only whitespace can never hold a keyword: fold their breaks.
+            runs = _BLANK_RUNS.sub("\x00", joined).split("\x00")
+        else:
+            runs = [joined]
+        self._runs(runs, out)
+
+    def _runs(self, runs: list[str], out: list[Piece]) -> None:
+        """runs[0] continues the current run; each later one follows a break."""
+        first = runs[0]
+        if first:
+            out.append(first)
+            self._in_run = True
+        if len(runs) == 1:
+            return
+        self._break(out)
+        middle = runs[1:-1]
+        if middle:
+            pieces: list[Piece] = [None] * (2 * len(middle))
+            pieces[0::2] = middle
+            out.extend(pieces)
+        last = runs[-1]
+        self._in_run = bool(last)
+        if last:
+            out.append(last)

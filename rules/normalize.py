@@ -1,0 +1,446 @@
+"""Content normalisation: the text a keyword is matched against.
+
+Owns the one definition of "the same text" used for keywords (at compile time)
+and for scanned text (on the data path). Must not do I/O on the data path: the
+tables are built once, in memory, on first use (about 0.5 s, see ``_build``).
+
+What ``normalize`` does (the corpus README, "Normalisation within one text run"):
+
+1. NFKC (UAX #15): full-width letters, digits and symbols become ASCII, compatibility
+   ideographs become unified ones, ligatures split.
+2. Full case folding (``str.casefold``), so ``ＧＨＢ``, ``GHB`` and ``ghb`` are one text.
+3. Traditional → simplified Chinese at the character level, from OpenCC's ``t2s``
+   conversion (its character dictionaries; phrases are not used, since a keyword may
+   start or end in the middle of a phrase). ``代開發票`` becomes ``代开发票``.
+4. Ignorable characters are dropped (``IGNORABLE``): Unicode whitespace (``str.isspace``:
+   U+0009–U+000D, U+001C–U+001F, U+0020, U+0085, U+00A0, U+1680, U+2000–U+200A,
+   U+2028, U+2029, U+202F, U+205F, U+3000), invisible format characters (U+00AD soft
+   hyphen, U+034F, U+180E, U+200B–U+200F, U+202A–U+202E, U+2060–U+2064, U+2066–U+206F,
+   U+FEFF, variation selectors U+FE00–U+FE0F and U+E0100–U+E01EF, tag characters
+   U+E0001 and U+E0020–U+E007F, Hangul fillers U+115F U+1160 U+3164 U+FFA0) and the
+   separator symbols ``* - _ . | / \\ ~ + # @ ^ = · •`` plus their look-alikes U+2010
+   hyphen, U+2027 hyphenation point, U+2212 minus, U+2219 bullet operator, U+22C5 dot
+   operator and U+30FB katakana middle dot (full-width forms reach these through NFKC).
+   Sentence punctuation (``，。、；：！？``, quotes, brackets, the em dash ``—``) is kept:
+   ``菠菜，网站`` must not match ``菠菜网站``. (The ellipsis ``…`` is NFKC ``...`` and so is
+   ignorable, as the spec's order of steps implies.) Lone surrogates become U+FFFD.
+
+Steps 1–4 are repeated until the text no longer changes (at most ``_MAX_PASSES``;
+two passes suffice for every code point), so ``normalize`` is idempotent.
+
+Speed strategy (measured numbers in the rules/ report and ``benchmarks/``): a per-character
+Python loop or ``str.translate`` with a dict runs at 8 MB/s, ``unicodedata.normalize``
+at 13 MB/s on Chinese pages. Almost every character of a page maps to itself, so:
+
+* pure ASCII text: one ``str.translate`` (CPython's ASCII fast path);
+* otherwise one ``re.findall`` over a character class of the characters that change
+  (a BMP bitmap in ``sre``) gives the few distinct ones present, and each is replaced
+  with ``str.replace`` (a C loop per distinct character);
+* the per-character replacement is exact only for text without "complex" characters
+  (combining marks, Hangul jamo, anything that composes or reorders with its
+  neighbours under NFKC); text containing one takes the reference path
+  (``unicodedata.normalize`` + ``casefold`` + ``translate`` to a fixpoint).
+
+Pieces: ``normalize(a) + normalize(b) == normalize(a + b)`` whenever ``b`` does not start
+with a character that composes or reorders with the end of ``a`` (a combining mark,
+a Hangul vowel/trailing jamo, or U+FF9E/U+FF9F). ``Normalizer`` gives the exact
+equality for any split by holding back the tail of a piece that could still combine
+with the next piece: nothing for text ending in a CJK ideograph or punctuation, the
+last "starter" and its marks otherwise, never more than ``MAX_HOLDBACK`` characters
+(UAX #15's stream-safe text format bounds a run of non-starters at 30).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass
+
+__all__ = [
+    "IGNORABLE",
+    "MAX_HOLDBACK",
+    "SEPARATORS",
+    "Normalizer",
+    "normalize",
+    "normalize_reference",
+]
+
+SEPARATORS = "*-_.|/\\~+#@^=·•" + "\u2010\u2027\u2212\u2219\u22c5\u30fb"
+"""Symbols people put between the characters of a keyword to break naive matching
+(``六*合*彩``, ``六.合.彩``). The first 15 are the product spec (corpus README); the rest
+are look-alikes of ``-`` and ``·`` that NFKC does not fold onto them."""
+
+_FORMAT_CHARS = (
+    "\u00ad\u034f\u180e\u115f\u1160\u3164\uffa0\ufeff"
+    + "".join(map(chr, range(0x200B, 0x2010)))
+    + "".join(map(chr, range(0x202A, 0x202F)))
+    + "".join(map(chr, range(0x2060, 0x2065)))
+    + "".join(map(chr, range(0x2066, 0x2070)))
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+    + "\U000e0001"
+    + "".join(map(chr, range(0xE0020, 0xE0080)))
+)
+
+IGNORABLE = frozenset(
+    [chr(c) for c in range(0x3100) if chr(c).isspace()]
+    + ["\u3000"]
+    + list(_FORMAT_CHARS)
+    + list(SEPARATORS)
+)
+"""Characters dropped from text before matching (see the module docstring)."""
+
+MAX_HOLDBACK = 32
+"""Most characters ``Normalizer.feed`` keeps back for the next piece. A run of more
+non-starters than this is not "stream-safe" text (UAX #15 section 13 caps it at 30);
+past this bound the split may normalise differently from the whole (documented, and
+harmless for matching: such a run is no keyword)."""
+
+_MAX_PASSES = 4
+"""Bound on the fixpoint loop of the reference path. NFKC and case folding do not
+commute for a few characters (U+01F0 casefolds to j + U+030C, which NFKC composes
+back); a pass of NFKC, casefold and translate reaches a fixpoint within two passes for
+every code point (checked when the tables are built)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    mapping: dict[str, str]
+    """Character → its normalised form, for every character that changes, and every
+    complex character (mapped to itself)."""
+    complex_chars: frozenset[str]
+    """Characters that compose or reorder with their neighbours under NFKC."""
+    non_inert: frozenset[str]
+    """Characters that something following them may compose or reorder with."""
+    translate: dict[int, str | None]
+    """``str.translate`` table of steps 3 and 4 (t2s and dropping), reference path."""
+    ascii_table: dict[int, str | None]
+    """``str.translate`` table for pure-ASCII text: lower-case and drop separators."""
+    ascii_bytes: bytes
+    """``bytes.translate`` table: ASCII upper → lower case."""
+    ascii_delete: bytes
+    """ASCII ignorables, deleted by ``bytes.translate``."""
+    special_bmp: re.Pattern[str]
+    """Splits at non-ASCII BMP characters that change or are complex (one capturing
+    group around a class, which sre compiles to a bitmap)."""
+    special_astral: frozenset[str]
+    """Astral characters that change or are complex."""
+    complex_rx: re.Pattern[str]
+    """Finds a complex character."""
+    ignorable: frozenset[str]
+    """Characters whose normalised form is empty."""
+
+
+_tables: _Tables | None = None
+_tables_lock = threading.Lock()
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _t2s_map() -> dict[int, str]:
+    """Traditional → simplified, one character at a time, through OpenCC ``t2s``.
+
+    Each character is converted alone (joined by newlines, which no dictionary phrase
+    spans), so the map is OpenCC's character-level answer; multi-character outputs are
+    not used. Converting the 104k CJK code points takes about 50 ms.
+    """
+    import opencc  # a dependency of the product; imported only when tables are built
+
+    ranges = ((0x2E80, 0xA000), (0xF900, 0xFB00), (0x20000, 0x323B0))
+    chars = [chr(c) for lo, hi in ranges for c in range(lo, hi)]
+    out = opencc.OpenCC("t2s").convert("\n".join(chars)).split("\n")
+    if len(out) != len(chars):  # pragma: no cover - OpenCC contract
+        raise RuntimeError("OpenCC t2s changed the number of lines")
+    table = {ord(a): b for a, b in zip(chars, out) if a != b and len(b) == 1}
+    # Chains (薴 → 苧 → 苎): map to the end of the chain so one pass is enough.
+    for k, v in list(table.items()):
+        seen = 0
+        while ord(v) in table and seen < 8:
+            v = table[ord(v)]
+            seen += 1
+        table[k] = v
+    return table
+
+
+def _composition_sets() -> tuple[frozenset[str], frozenset[str]]:
+    """(first, second) characters of the canonical compositions NFC performs."""
+    first: set[str] = set()
+    second: set[str] = set()
+    for cp in range(0x30000):
+        d = unicodedata.decomposition(chr(cp))
+        if not d or d[0] == "<":
+            continue
+        parts = d.split()
+        if len(parts) != 2:
+            continue
+        a, b = chr(int(parts[0], 16)), chr(int(parts[1], 16))
+        if unicodedata.normalize("NFC", a + b) == chr(cp):
+            first.add(a)
+            second.add(b)
+    # Hangul: L + V → LV, LV + T → LVT (algorithmic, not in the decomposition table).
+    first.update(chr(c) for c in range(0x1100, 0x1113))
+    first.update(chr(c) for c in range(0xAC00, 0xD7A4, 28))
+    second.update(chr(c) for c in range(0x1161, 0x1176))
+    second.update(chr(c) for c in range(0x11A8, 0x11C3))
+    return frozenset(first), frozenset(second)
+
+
+def _char_class(chars: set[str] | frozenset[str]) -> str:
+    """A regex character class, compressed into ranges (sre checks ranges linearly
+    for astral characters, so fewer items is faster)."""
+    cps = sorted(map(ord, chars))
+    parts: list[str] = []
+    i = 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        lo, hi = chr(cps[i]), chr(cps[j])
+        parts.append(re.escape(lo) if i == j else f"{re.escape(lo)}-{re.escape(hi)}")
+        i = j + 1
+    return "[" + "".join(parts) + "]" if parts else "[^\\s\\S]"
+
+
+def _build() -> _Tables:
+    translate: dict[int, str | None] = dict(_t2s_map())
+    for c in IGNORABLE:
+        translate[ord(c)] = None
+    for cp in range(0xD800, 0xE000):
+        translate[cp] = "\ufffd"
+
+    def one_pass(s: str) -> str:
+        return unicodedata.normalize("NFKC", s).casefold().translate(translate)
+
+    # Bulk first pass over every code point: joined by "\n", which nothing composes
+    # with and which no mapping produces ("\n" itself is ignorable, handled below).
+    cps = [cp for cp in range(0x110000) if cp != 0x0A]
+    joined = "\n".join(map(chr, cps))
+    first = unicodedata.normalize("NFKC", joined).casefold().split("\n")
+    mapping: dict[str, str] = {"\n": ""}
+    for cp, out in zip(cps, first):
+        c = chr(cp)
+        if out != c or cp in translate:
+            mapping[c] = out
+    for c, out in mapping.items():
+        out = out.translate(translate)
+        for _ in range(_MAX_PASSES):
+            nxt = one_pass(out)
+            if nxt == out:
+                break
+            out = nxt
+        else:  # pragma: no cover - Unicode data contract, checked at build
+            raise RuntimeError(f"normalisation of U+{ord(c):04X} does not converge")
+        mapping[c] = out
+    mapping = {c: out for c, out in mapping.items() if out != c}
+
+    comp_first, comp_second = _composition_sets()
+    complex_chars = {
+        chr(cp) for cp in range(0x110000) if unicodedata.combining(chr(cp))
+    } | set(comp_second)
+    for c, out in mapping.items():
+        if out and (unicodedata.combining(out[0]) or out[0] in comp_second):
+            complex_chars.add(c)
+    for c in complex_chars:
+        mapping.setdefault(c, c)
+
+    # Inert: nothing that follows can compose or reorder with it.
+    def inert(c: str) -> bool:
+        if c in complex_chars or c in comp_first:
+            return False
+        out = mapping.get(c, c)
+        if not out:
+            return False
+        last = out[-1]
+        return not (
+            unicodedata.combining(last) or last in comp_first or last in comp_second
+        )
+
+    non_inert = {c for c in mapping if not inert(c)} | set(comp_first)
+    ascii_table: dict[int, str | None] = {
+        ord(c): (out if out else None) for c, out in mapping.items() if ord(c) < 128
+    }
+    special = {c for c in mapping if ord(c) >= 0x80}
+    bmp = {c for c in special if ord(c) < 0x10000}
+    ignorable = {c for c, out in mapping.items() if out == ""}
+    cx_bmp = _char_class({c for c in complex_chars if ord(c) < 0x10000})
+    cx_astral = _char_class({c for c in complex_chars if ord(c) >= 0x10000})
+    cx = f"(?:{cx_bmp}|(?=[\U00010000-\U0010ffff]){cx_astral})"
+    lower = bytes(range(256)).translate(bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                                                        b"abcdefghijklmnopqrstuvwxyz"))
+    delete = bytes(sorted(ord(c) for c in ignorable if ord(c) < 0x80))
+    return _Tables(
+        ascii_bytes=lower,
+        ascii_delete=delete,
+        complex_rx=re.compile(cx),
+        ignorable=frozenset(ignorable),
+        mapping=mapping,
+        complex_chars=frozenset(complex_chars),
+        non_inert=frozenset(non_inert),
+        translate=translate,
+        ascii_table=ascii_table,
+        special_bmp=re.compile("(" + _char_class(bmp) + ")"),
+        special_astral=frozenset(special - bmp),
+    )
+
+
+def _get_tables() -> _Tables:
+    global _tables
+    if _tables is None:
+        with _tables_lock:
+            if _tables is None:
+                _tables = _build()
+    return _tables
+
+
+def normalize_reference(text: str) -> str:
+    """The definition: NFKC, casefold, t2s and dropping, repeated to a fixpoint.
+
+    Correct for any text, about 8 MB/s; ``normalize`` gives the same result faster.
+    """
+    t = _get_tables()
+    for _ in range(_MAX_PASSES):
+        nxt = unicodedata.normalize("NFKC", text).casefold().translate(t.translate)
+        if nxt == text:
+            break
+        text = nxt
+    return text
+
+
+def normalize(text: str) -> str:
+    """Normalise ``text`` for matching (see the module docstring). Never raises."""
+    t = _get_tables()
+    if text.isascii():
+        return text.translate(t.ascii_table)
+    out = _plain(text, t)
+    return out if out is not None else _with_clusters(text, t)
+
+
+def _plain(text: str, t: _Tables) -> str | None:
+    """Per-character mapping; None when ``text`` holds a complex character.
+
+    ASCII is lower-cased and its separators dropped by one ``bytes.translate`` over
+    the UTF-8 (a C pass); then one ``re.split`` on the class of non-ASCII characters
+    that change cuts the text at each of them and ``map(dict.__getitem__)`` replaces
+    them, with no Python-level loop per character. Astral characters (rare: CJK
+    extension B and later) are looked at only when one is present.
+    """
+    astral: set[str] = set()
+    if _ASTRAL.search(text) is not None:
+        astral = t.special_astral.intersection(_ASTRAL.findall(text))
+        if not t.complex_chars.isdisjoint(astral):
+            return None
+    s = (
+        text.encode("utf-8", "surrogatepass")
+        .translate(t.ascii_bytes, t.ascii_delete)
+        .decode("utf-8", "surrogatepass")
+    )
+    parts = t.special_bmp.split(s)
+    if len(parts) > 1:
+        specials = parts[1::2]
+        if not t.complex_chars.isdisjoint(specials):
+            return None
+        parts[1::2] = map(t.mapping.__getitem__, specials)
+        s = "".join(parts)
+    for c in astral:
+        s = s.replace(c, t.mapping[c])
+    return s
+
+
+_CLUSTERS_PER_CHAR_SLOW = 1 / 64
+"""Above this density of complex clusters (Thai, Devanagari, Vietnamese written
+decomposed), one reference pass over the whole text is cheaper than many pieces."""
+
+
+def _with_clusters(text: str, t: _Tables) -> str:
+    """Reference normalisation for each complex cluster, the fast path between them.
+
+    A cluster is a run of complex and ignorable characters plus the starter before
+    it (a character that is neither), which is an NFKC boundary; the character after
+    the run is another boundary, so the pieces normalise independently.
+    """
+    cx, ign, n = t.complex_chars, t.ignorable, len(text)
+    spans: list[tuple[int, int]] = []
+    for m in t.complex_rx.finditer(text):
+        i = m.start()
+        if spans and i < spans[-1][1]:
+            continue
+        start = i
+        while start > 0 and (text[start - 1] in cx or text[start - 1] in ign):
+            start -= 1
+        start = max(start - 1, spans[-1][1] if spans else 0)
+        end = i + 1
+        while end < n and (text[end] in cx or text[end] in ign):
+            end += 1
+        spans.append((start, end))
+        if len(spans) > max(4, n * _CLUSTERS_PER_CHAR_SLOW):
+            return normalize_reference(text)
+    out: list[str] = []
+    pos = 0
+    for start, end in spans:
+        if start > pos:
+            out.append(_piece(text[pos:start], t))
+        out.append(normalize_reference(text[start:end]))
+        pos = end
+    if pos < n:
+        out.append(_piece(text[pos:], t))
+    return "".join(out)
+
+
+def _piece(text: str, t: _Tables) -> str:
+    """A piece between clusters (has no complex character, unless it is an astral
+    one the cluster pattern did not see; then the reference path is taken)."""
+    if text.isascii():
+        return text.translate(t.ascii_table)
+    out = _plain(text, t)
+    return out if out is not None else normalize_reference(text)
+
+
+class Normalizer:
+    """Normalises a text run given in pieces, exactly as if it were given whole.
+
+    ``feed`` returns the normalised text that is final; a tail that could still combine
+    with the next piece (at most ``MAX_HOLDBACK`` characters) is kept until the next
+    ``feed`` or ``flush`` (call it at the end of the run). Not thread-safe: one per run.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        text = self._held + text if self._held else text
+        self._held = ""
+        if not text:
+            return ""
+        cut = self._split_point(text)
+        if cut < len(text):
+            self._held = text[cut:]
+            text = text[:cut]
+        return normalize(text) if text else ""
+
+    def flush(self) -> str:
+        """The held-back tail, normalised; the Normalizer is then ready for a new run."""
+        text, self._held = self._held, ""
+        return normalize(text) if text else ""
+
+    @staticmethod
+    def _split_point(text: str) -> int:
+        """Where to cut ``text``: everything before the cut is final."""
+        t = _get_tables()
+        n = len(text)
+        # The last character that is not ignorable decides.
+        j = n - 1
+        while j >= 0 and j >= n - MAX_HOLDBACK and t.mapping.get(text[j], None) == "":
+            j -= 1
+        if j < 0 or j < n - MAX_HOLDBACK:
+            return n  # only ignorables at the end: nothing can combine with them
+        c = text[j]
+        if c not in t.non_inert:
+            return n  # an inert character ends the piece
+        # Hold back from the last "starter" (a non-complex, non-ignorable character).
+        for i in range(j, max(n - MAX_HOLDBACK, 0) - 1, -1):
+            ch = text[i]
+            if ch not in t.complex_chars and t.mapping.get(ch, ch) != "":
+                return i
+        return n

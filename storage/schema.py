@@ -1,0 +1,516 @@
+"""The on-disk form of records, derived from the Structs of storage/records.py.
+
+Strategy (chosen for <= 150 bytes per record and the two indexed queries):
+
+* One table ``rec`` per day file with one column per common ``Record`` field, plus
+  ``kind``, ``domain`` (the kind's name field: conn.dns_name, http.host, tls.sni,
+  dns.qname) and ``x``, a msgpack array of the kind-specific fields.
+* Lossless compaction, each undone on read: canonical IPv4 -> INTEGER, canonical IPv6 ->
+  16-byte BLOB (anything else is kept as TEXT); action -> small int; repetitive strings
+  (account, MAC, domain, user agent, ...) interned in ``strs`` and referenced by id; a
+  ``community_id`` equal to the hash of the record's own 5-tuple -> the integer 1;
+  ``ts_end`` as a delta from ``ts``; trailing default values of ``x`` trimmed.
+* Columns have no declared type, so SQLite applies no affinity: what is written is read.
+* Indexes: (account) and (domain), partial (NULL rows cost nothing). Time ranges
+  use the per-batch min/max ts of ``batches`` to narrow the rowid range instead of a third
+  index.
+* Each file stores its own kind layouts (``kinds``: code -> tag and field list), so a day
+  written by an older version decodes with the fields it was written with, and the chain
+  hash is over those logical values, not over today's Struct.
+
+Owns encoding and decoding of rows. Must not open files, commit, or know HTTP/DNS parsing.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import msgspec
+
+from struct import error as struct_error
+
+from storage.communityid import community_id
+from storage.records import RECORD_TYPES, Action, Record
+
+FORMAT_VERSION = 1
+"""Bumped when the table layout changes incompatibly; stored in each file's ``meta``."""
+
+ACTIONS: tuple[str, ...] = get_args(Action)
+RECORD_FIELDS: tuple[str, ...] = Record.__struct_fields__
+COLUMNS: tuple[str, ...] = ("id", "kind", *RECORD_FIELDS, "domain", "x")
+
+IP_FIELDS = frozenset({"client_ip", "nat_ip", "server_ip"})
+INTERNED = frozenset({
+    "account", "client_mac", "rule_ids", "user_agent", "content_type", "referrer", "alpn", "category",
+    "qtype_name", "rcode_name", "tls_version", "service", "method", "close_reason", "proto", "transport",
+    "admin", "operation", "result", "alarm_kind", "id_type",
+})
+"""Fields whose values repeat a lot within a day: stored once per day file, referenced by id."""
+DELTA_FIELDS = frozenset({"ts_end"})
+"""Times stored as an offset from ``ts`` (a few bytes instead of eight)."""
+DOMAIN_FIELD: dict[str, str] = {"conn": "dns_name", "http": "host", "tls": "sni", "dns": "qname"}
+"""The one field per kind that ``--domain`` matches; it lives in the indexed ``domain`` column."""
+CID_DERIVED = 1
+"""Stored in ``community_id`` when the value equals the hash of the record's own 5-tuple."""
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS kinds(code INTEGER PRIMARY KEY, tag TEXT NOT NULL, fields TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS strs(id INTEGER PRIMARY KEY, v NOT NULL UNIQUE, rkey)",
+    "CREATE INDEX IF NOT EXISTS strs_rkey ON strs(rkey) WHERE rkey IS NOT NULL",
+    f"CREATE TABLE IF NOT EXISTS rec({', '.join(c if c != 'id' else 'id INTEGER PRIMARY KEY' for c in COLUMNS)})",
+    # Keyed by the interned id alone: the rows of one account (or name) in a day number in
+    # the hundreds to thousands and are sorted after the lookup; leaving ts out of the key
+    # saves ~14 bytes a record over (account, ts) + (domain, ts).
+    "CREATE INDEX IF NOT EXISTS rec_account ON rec(account) WHERE account IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS rec_domain ON rec(domain) WHERE domain IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS batches(n INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, "
+    "last_id INTEGER NOT NULL, min_ts INTEGER NOT NULL, max_ts INTEGER NOT NULL, hash BLOB NOT NULL)",
+]
+INSERT_REC = f"INSERT INTO rec({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+INSERT_STR = "INSERT INTO strs(id, v, rkey) VALUES (?, ?, ?)"
+UPDATE_RKEY = "UPDATE strs SET rkey = ? WHERE id = ?"
+INSERT_BATCH = "INSERT INTO batches(n, first_id, last_id, min_ts, max_ts, hash) VALUES (?, ?, ?, ?, ?, ?)"
+
+ROWS_PER_INSERT = 512
+"""Most rows per multi-row INSERT (512 x 18 = 9216 parameters, under SQLite's 32766)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_sql(table: str, columns: tuple[str, ...], n: int) -> str:
+    one = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table}({', '.join(columns)}) VALUES " + ", ".join([one] * n)
+
+
+def insert_statements(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+    """(sql, flat params) inserting ``rows`` with multi-row INSERTs of 512, 256, ..., 1 rows.
+
+    Why: the SQL thread releases the GIL once per statement. With ``executemany`` that is
+    once per row, and under load each re-acquisition can wait a whole switch interval
+    (5 ms) while the encoder holds the GIL; with multi-row statements it is a handful of
+    times per batch, and the few distinct statement sizes stay in the statement cache."""
+    out: list[tuple[str, list[Any]]] = []
+    k, size = 0, ROWS_PER_INSERT
+    while k < len(rows):
+        while size > len(rows) - k:
+            size //= 2
+        out.append((_multi_sql(table, columns, size), [v for row in rows[k:k + size] for v in row]))
+        k += size
+    return out
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+
+def domain_key(name: str) -> str:
+    """Reversed, lower-cased labels without the trailing dot: ``www.Example.com.`` ->
+    ``com.example.www``; a suffix query becomes a range scan on an index."""
+    return ".".join(reversed(name.rstrip(".").lower().split(".")))
+
+
+# --- addresses -------------------------------------------------------------------------
+
+_ip_cache: dict[str, int | bytes | str] = {}
+
+
+IPV4_OFFSET = 2**31
+"""IPv4 is stored as its 32-bit value minus 2**31: every address then fits SQLite's 4-byte
+integer (203.0.113.1 would otherwise take 6 bytes)."""
+
+
+def ipv4_db(value: int) -> int:
+    return value - IPV4_OFFSET
+
+
+def ip_to_db(ip: str) -> int | bytes | str:
+    """Canonical IPv4 -> int (offset), canonical IPv6 -> 16 bytes, anything else unchanged (lossless)."""
+    v = _ip_cache.get(ip)
+    if v is not None:
+        return v
+    out: int | bytes | str = ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET, ip)
+        if socket.inet_ntop(socket.AF_INET, packed) == ip:
+            out = int.from_bytes(packed) - IPV4_OFFSET
+    except (OSError, TypeError):
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, ip)
+            if socket.inet_ntop(socket.AF_INET6, packed) == ip:
+                out = packed
+        except (OSError, TypeError):
+            pass
+    if len(_ip_cache) > 200_000:  # bounded: a scan of random sources must not grow it forever
+        _ip_cache.clear()
+    _ip_cache[ip] = out
+    return out
+
+
+def ip_from_db(v: int | bytes | str | None) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return socket.inet_ntop(socket.AF_INET, (v + IPV4_OFFSET).to_bytes(4))
+    return socket.inet_ntop(socket.AF_INET6, v)
+
+
+# --- layouts -----------------------------------------------------------------------------
+
+
+def _default(cls: type[Record], name: str) -> Any:
+    for f in msgspec.structs.fields(cls):
+        if f.name == name:
+            if f.default is not msgspec.NODEFAULT:
+                return f.default
+            if f.default_factory is not msgspec.NODEFAULT:
+                return f.default_factory()
+            return msgspec.NODEFAULT
+    raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How one kind's records are laid out in one day file."""
+
+    code: int
+    tag: str
+    fields: tuple[str, ...]
+    """Every field of the kind, in Struct order, as when the file was written."""
+    specific: tuple[str, ...]
+    """Fields kept in ``x`` (not columns, not the domain field)."""
+    stored_defaults: tuple[Any, ...]
+    """What each ``x`` entry holds when the field has its default (trimmed at the end)."""
+    defaults: dict[str, Any]
+    domain_field: str | None
+
+    @property
+    def cls(self) -> type[Record] | None:
+        return Record.KINDS.get(self.tag)
+
+
+def make_layout(code: int, tag: str, fields: Iterable[str]) -> Layout:
+    fields = tuple(fields)
+    cls = Record.KINDS.get(tag)
+    dom = DOMAIN_FIELD.get(tag)
+    specific = tuple(f for f in fields if f not in RECORD_FIELDS and f != dom)
+    defaults = {f: _default(cls, f) for f in fields if cls is not None and f in cls.__struct_fields__}
+    stored = tuple(None if (f in INTERNED or f in DELTA_FIELDS) else defaults.get(f) for f in specific)
+    return Layout(code, tag, fields, specific, stored, defaults, dom if dom in fields else None)
+
+
+def current_fields(cls: type[Record]) -> tuple[str, ...]:
+    return cls.__struct_fields__
+
+
+def current_layouts() -> dict[str, tuple[str, ...]]:
+    return {t.__struct_config__.tag: current_fields(t) for t in RECORD_TYPES}  # type: ignore[misc]
+
+
+def load_layouts(conn: sqlite3.Connection) -> dict[int, Layout]:
+    return {
+        code: make_layout(code, tag, msgspec.json.decode(fields))
+        for code, tag, fields in conn.execute("SELECT code, tag, fields FROM kinds")
+    }
+
+
+# --- interning ---------------------------------------------------------------------------
+
+
+class Interner:
+    """value -> id of one day file's ``strs``; new entries are collected for the next commit."""
+
+    def __init__(self, rows: Iterable[tuple[int, Any, Any]] = ()) -> None:
+        self.ids: dict[str | bytes, int] = {}
+        self.domain_ids: set[int] = set()
+        self.next_id = 1
+        for i, v, rkey in rows:
+            self.ids[v] = i
+            if rkey is not None:
+                self.domain_ids.add(i)
+            self.next_id = max(self.next_id, i + 1)
+        self.new: list[tuple[int, Any, Any]] = []
+        self.new_rkeys: list[tuple[str, int]] = []
+
+    def id(self, value: str | list[str]) -> int:
+        key: str | bytes = value if isinstance(value, str) else _enc.encode(value)
+        i = self.ids.get(key)
+        if i is None:
+            i = self.ids[key] = self.next_id
+            self.next_id += 1
+            self.new.append((i, key, None))
+        return i
+
+    def domain_id(self, name: str) -> int:
+        i = self.id(name)
+        if i not in self.domain_ids:
+            self.domain_ids.add(i)
+            if self.new and self.new[-1][0] == i:
+                self.new[-1] = (i, name, domain_key(name))
+            else:
+                self.new_rkeys.append((domain_key(name), i))
+        return i
+
+    def take(self) -> tuple[list[tuple[int, Any, Any]], list[tuple[str, int]]]:
+        new, rk = self.new, self.new_rkeys
+        self.new, self.new_rkeys = [], []
+        return new, rk
+
+
+def unintern(v: str | bytes) -> str | list[str]:
+    return v if isinstance(v, str) else _dec.decode(v)
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+class BadRecord(TypeError):
+    """A record whose field types the store cannot keep losslessly (the producer's bug)."""
+
+
+def _int_or_none(v: Any, name: str) -> Any:
+    if v is None or type(v) is int:
+        return v
+    raise BadRecord(f"{name} must be an int or None, not {type(v).__name__}")
+
+
+def _str_or_none(v: Any, name: str) -> Any:
+    if v is None or type(v) is str:
+        return v
+    raise BadRecord(f"{name} must be a str or None, not {type(v).__name__}")
+
+
+def _ip_col(v: Any, name: str) -> Any:
+    if v is None:
+        return None
+    if type(v) is not str:
+        raise BadRecord(f"{name} must be a str or None, not {type(v).__name__}")
+    return ip_to_db(v)
+
+
+def _action_col(v: Any) -> Any:
+    try:
+        return ACTIONS.index(v)
+    except ValueError:
+        if type(v) is str:
+            return v
+        raise BadRecord(f"action must be a str, not {type(v).__name__}") from None
+
+
+def _cid_col(cid: Any, proto: Any, cip: Any, cport: Any, sip: Any, sport: Any) -> Any:
+    if cid is None:
+        return None
+    if type(cid) is not str:
+        raise BadRecord(f"community_id must be a str or None, not {type(cid).__name__}")
+    if proto is not None and cip is not None and sip is not None:
+        try:
+            if community_id(proto, cip, cport, sip, sport) == cid:
+                return CID_DERIVED
+        except (ValueError, KeyError, TypeError, OSError, struct_error):
+            pass
+    return cid
+
+
+def _compile_encoder(lay: Layout, interner: Interner) -> Callable[[Record, int], tuple[tuple[Any, ...], bytes]]:
+    """Generate the per-kind encoding function: straight-line code, no per-field dispatch
+    (this is the writer's hot loop: ~50k records/s on one core)."""
+    cls = lay.cls
+    assert cls is not None and tuple(cls.__struct_fields__) == lay.fields, "encoders are for current layouts only"
+    ix = {f: i for i, f in enumerate(lay.fields)}
+
+    def t(name: str) -> str:
+        return f"t[{ix[name]}]"
+
+    proto = {"conn": t("proto") if "proto" in ix else "None", "dns": t("transport") if "transport" in ix else "None",
+             "http": "'tcp'", "tls": "'tcp'"}.get(lay.tag, "None")
+    xs = []
+    for name in lay.specific:
+        d = lay.defaults[name]
+        if name in INTERNED:
+            if isinstance(d, list):
+                xs.append(f"(None if type({t(name)}) is list and not {t(name)} else intern({t(name)}))")
+            elif d is None:
+                xs.append(f"(None if {t(name)} is None else (IDS.get({t(name)}) or intern({t(name)})))")
+            else:
+                xs.append(f"(None if {t(name)} == D_{name} and type({t(name)}) is type(D_{name}) else intern({t(name)}))")
+        elif name in DELTA_FIELDS:
+            xs.append(f"(None if {t(name)} is None else _int_or_none({t(name)}, {name!r}) - ts)")
+        else:
+            xs.append(t(name))
+    dom = f"(None if {t(lay.domain_field)} is None else dintern({t(lay.domain_field)}))" if lay.domain_field else "None"
+    src = f"""
+def encode(rec, row_id):
+    t = astuple(rec)
+    ts = t[{ix['ts']}]
+    if type(ts) is not int:
+        raise BadRecord("ts must be an int (microseconds since the epoch)")
+    logical = ENC((TAG, t))
+    cip = t[{ix['client_ip']}]
+    sip = t[{ix['server_ip']}]
+    nip = t[{ix['nat_ip']}]
+    cport = t[{ix['client_port']}]
+    sport = t[{ix['server_port']}]
+    nport = t[{ix['nat_port']}]
+    rsv = t[{ix['ruleset_version']}]
+    uid = t[{ix['uid']}]
+    if ((cport is not None and type(cport) is not int) or (sport is not None and type(sport) is not int)
+            or (nport is not None and type(nport) is not int) or (rsv is not None and type(rsv) is not int)
+            or type(uid) is not str):
+        raise BadRecord("ports and ruleset_version must be int or None, uid a str")
+    if cip is not None:
+        if type(cip) is not str:
+            raise BadRecord("client_ip must be a str")
+        cdb = IPC.get(cip)
+        if cdb is None:
+            cdb = ip_to_db(cip)
+    else:
+        cdb = None
+    if sip is not None:
+        if type(sip) is not str:
+            raise BadRecord("server_ip must be a str")
+        sdb = IPC.get(sip)
+        if sdb is None:
+            sdb = ip_to_db(sip)
+    else:
+        sdb = None
+    rules = {t('rule_ids')}
+    x = [{', '.join(xs)}]
+    while x and x[-1] == SD[len(x) - 1] and type(x[-1]) is type(SD[len(x) - 1]):
+        x.pop()
+    a = {t('account')}
+    mac = {t('client_mac')}
+    act = ACT.get({t('action')})
+    return (
+        row_id, CODE, ts, uid,
+        None if a is None else (IDS.get(a) or intern(a)),
+        cdb, cport,
+        None if mac is None else (IDS.get(mac) or intern(mac)),
+        _ip_col(nip, 'nat_ip'), nport,
+        sdb, sport,
+        _action_col({t('action')}) if act is None else act,
+        None if type(rules) is list and not rules else intern(rules),
+        rsv,
+        _cid_col({t('community_id')}, {proto}, cip, cport, sip, sport),
+        {dom},
+        ENC(x) if x else None,
+    ), logical
+"""
+    ns: dict[str, Any] = {
+        "astuple": msgspec.structs.astuple, "ENC": _enc.encode, "TAG": lay.tag, "CODE": lay.code,
+        "SD": lay.stored_defaults, "intern": interner.id, "dintern": interner.domain_id,
+        "BadRecord": BadRecord, "_str_or_none": _str_or_none, "_int_or_none": _int_or_none,
+        "_ip_col": _ip_col, "_action_col": _action_col, "_cid_col": _cid_col,
+        "IPC": _ip_cache, "ip_to_db": ip_to_db, "IDS": interner.ids, "ACT": {a: i for i, a in enumerate(ACTIONS)},
+    }
+    ns.update({f"D_{k}": v for k, v in lay.defaults.items()})
+    exec(compile(src, f"<storage.schema encoder {lay.tag}>", "exec"), ns)
+    return ns["encode"]
+
+
+class RowEncoder:
+    """Record -> (row tuple for ``rec``, logical bytes hashed into the chain).
+
+    Raises ``BadRecord`` (a TypeError) for a field of a type the store cannot keep
+    losslessly; msgspec's ``EncodeError`` for a value it cannot serialise at all."""
+
+    def __init__(self, layouts: dict[str, Layout], interner: Interner) -> None:
+        self.layouts = layouts
+        self.interner = interner
+        self._by_type = {lay.cls: _compile_encoder(lay, interner) for lay in layouts.values()}
+
+    def encode(self, rec: Record, row_id: int) -> tuple[tuple[Any, ...], bytes]:
+        fn = self._by_type.get(type(rec))
+        if fn is None:
+            raise BadRecord(f"not a record kind this store knows: {type(rec).__name__}")
+        return fn(rec, row_id)
+
+
+# The column order above is written out for speed; this guards it against drift.
+assert COLUMNS == (
+    "id", "kind", "ts", "uid", "account", "client_ip", "client_port", "client_mac", "nat_ip",
+    "nat_port", "server_ip", "server_port", "action", "rule_ids", "ruleset_version",
+    "community_id", "domain", "x",
+), "storage/schema.py: Record fields changed; update RowEncoder.encode and RowDecoder"
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+class RowDecoder:
+    """Row of ``rec`` -> logical values and Record, using the file's own layouts."""
+
+    def __init__(self, conn: sqlite3.Connection, *, preload: bool = False) -> None:
+        self.conn = conn
+        self.layouts = load_layouts(conn)
+        self.strs: dict[int, str | list[str]] = {}
+        if preload:
+            self.strs = {i: unintern(v) for i, v in conn.execute("SELECT id, v FROM strs")}
+
+    def s(self, i: int | None) -> Any:
+        if i is None:
+            return None
+        v = self.strs.get(i)
+        if v is None:
+            row = self.conn.execute("SELECT v FROM strs WHERE id = ?", (i,)).fetchone()
+            if row is None:
+                raise ValueError(f"string id {i} missing from strs")
+            v = self.strs[i] = unintern(row[0])
+        return v
+
+    def values(self, row: tuple[Any, ...]) -> tuple[Layout, dict[str, Any]]:
+        (_id, code, ts, uid, acct, cip, cport, mac, nip, nport, sip, sport, action, rules, rsv, cid, dom, x) = row
+        lay = self.layouts[code]
+        v: dict[str, Any] = {
+            "ts": ts,
+            "uid": uid,
+            "account": self.s(acct),
+            "client_ip": ip_from_db(cip),
+            "client_port": cport,
+            "client_mac": self.s(mac),
+            "nat_ip": ip_from_db(nip),
+            "nat_port": nport,
+            "server_ip": ip_from_db(sip),
+            "server_port": sport,
+            "action": ACTIONS[action] if isinstance(action, int) else action,
+            "rule_ids": [] if rules is None else list(self.s(rules)),
+            "ruleset_version": rsv,
+        }
+        if lay.domain_field:
+            v[lay.domain_field] = self.s(dom)
+        xs = _dec.decode(x) if x is not None else []
+        for k, name in enumerate(lay.specific):
+            val = xs[k] if k < len(xs) else lay.stored_defaults[k]
+            if name in INTERNED:
+                if val is None:
+                    d = lay.defaults[name]
+                    val = [] if isinstance(d, list) else d
+                else:
+                    val = self.s(val)
+                    val = list(val) if isinstance(val, list) else val
+            elif name in DELTA_FIELDS and val is not None:
+                val = val + ts
+            elif isinstance(val, list):
+                val = list(val)
+            v[name] = val
+        if cid == CID_DERIVED and type(cid) is int:
+            proto = v.get("proto") if lay.tag == "conn" else v.get("transport") if lay.tag == "dns" else "tcp"
+            cid = community_id(proto, v["client_ip"], cport, v["server_ip"], sport)
+        v["community_id"] = cid
+        return lay, v
+
+    def logical(self, row: tuple[Any, ...]) -> bytes:
+        """The bytes the writer hashed for this row."""
+        lay, v = self.values(row)
+        return _enc.encode((lay.tag, tuple(v[f] for f in lay.fields)))
+
+    def record(self, row: tuple[Any, ...]) -> Record:
+        lay, v = self.values(row)
+        cls = lay.cls
+        if cls is None:
+            raise ValueError(f"unknown record kind {lay.tag!r}")
+        known = cls.__struct_fields__
+        return cls(**{k: val for k, val in v.items() if k in known})

@@ -1,0 +1,672 @@
+"""RecordWriter: the one task that owns the store's connections.
+
+Strategy:
+
+* Producers on the event loop call ``submit(record)``: a length check and a deque append,
+  never an await and never disk. The queue is bounded (``queue_max``); when it is full the
+  overflow policy applies (fail-open: drop, count, alarm; fail-closed: return False so the
+  adapter refuses the flow; the refusals are alarmed too). Never a silent drop.
+* Group commit: when the first record arrives at an idle writer, the writer waits at most
+  ``commit_interval_ms`` (or until ``batch_max`` records are queued), then commits one
+  transaction per day file. Records that arrive during a commit go into the next one
+  straight away, so under load commits run back to back with whatever accumulated.
+* Encoding, chain hashing, signing and syslog forwarding run on one helper thread so the
+  event loop stays free; SQL runs on aiosqlite's connection threads. Both are awaited
+  one at a time by the writer task, so the per-day state has a single owner.
+* Durability: WAL with ``synchronous=FULL``; a record counts as committed (``committed``,
+  ``flush()``) only after COMMIT returned. A crash rolls back at most the batch in flight.
+* Every committed batch extends the day's hash chain (storage/chain.py); heads are signed
+  into the digest log every ``sign_interval_s``, at day close (final), and at ``close()``.
+
+Must not parse HTTP or DNS, and must not be awaited by the data path except ``flush``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from linewarden import keys
+from storage.chain import DigestLog, batch_hash, genesis, read_digests
+from storage.config import StoreConfig
+from storage.partitions import (
+    DayRouter,
+    StoreLock,
+    day_bounds,
+    day_of,
+    day_path,
+    init_sql,
+    init_store,
+    list_days,
+    pragmas,
+)
+from storage.records import Alarm, Maintenance, Record
+from storage.retention import deletable, disk_status, expired_days, remove_day
+from storage.schema import (
+    BadRecord,
+    COLUMNS,
+    INSERT_BATCH,
+    UPDATE_RKEY,
+    Interner,
+    Layout,
+    insert_statements,
+    RowEncoder,
+    current_layouts,
+    make_layout,
+)
+
+log = logging.getLogger("linewarden.storage")
+US = 1_000_000
+DISK_ALARM_EVERY_S = 3600
+"""A disk_low alarm at most once an hour: loud enough, not a flood."""
+RETRY_MAX_S = 30.0
+
+
+@dataclass(slots=True)
+class DayState:
+    """The writer's view of one open day file (owned by the writer task)."""
+
+    day: str
+    conn: aiosqlite.Connection
+    interner: Interner
+    encoder: RowEncoder
+    next_id: int
+    next_batch: int
+    head: bytes
+    signed_batch: int
+    signed_final: bool
+    last_sign: float
+    last_used: float = 0.0
+
+    @property
+    def dirty(self) -> bool:
+        return self.next_batch - 1 != self.signed_batch
+
+
+@dataclass(slots=True)
+class Encoded:
+    rows: list[tuple[str, Any]]
+    """(sql, params) statements inserting the batch's rows (see ``insert_statements``)."""
+    new_strs: list[tuple[str, list[Any]]]
+    new_rkeys: list[tuple[str, int]]
+    n: int
+    first_id: int
+    last_id: int
+    min_ts: int
+    max_ts: int
+    head: bytes
+
+
+@dataclass(slots=True)
+class _Stats:
+    accepted: int = 0
+    committed: int = 0
+    dropped: int = 0
+    refused: int = 0
+    alarmed_dropped: int = 0
+    alarmed_refused: int = 0
+    batches: int = 0
+    bad_records: int = 0
+
+
+class RecordWriter:
+    """Writes records into a store directory (see the module docstring)."""
+
+    def __init__(self, store_dir: str | os.PathLike[str], config: StoreConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        self.store_dir = Path(store_dir)
+        self.config = config or StoreConfig()
+        self.clock = clock
+        """Wall clock (seconds since the epoch) for rollover, retention and alarms; tests pass
+        their own. Record times come from the records, never from here."""
+        self._q: collections.deque[Record] = collections.deque()
+        self._qmax = self.config.queue_max
+        self._batch_max = self.config.batch_max
+        self._fail_closed = self.config.overflow == "fail-closed"
+        self._stats = _Stats()
+        self._first_at: float | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._inject: list[Record] = []
+        self._days: dict[str, DayState] = {}
+        self._router = DayRouter(self.config.tz)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lw-store")
+        self._lock = StoreLock(self.store_dir)
+        self._digest: DigestLog | None = None
+        self._key: keys.KeyPair | None = None
+        self._signed: dict[str, tuple[int, bool]] = {}
+        self._today = ""
+        self._last_disk_alarm = -1e18
+        self._syslog: Any = None
+        self._layouts = current_layouts()
+        self.last_error: BaseException | None = None
+        """The last error a commit hit (the writer retries; the queue bounds the damage)."""
+        self._signal_task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[None] | None = None
+
+    # --- producer side (event loop thread; never awaits) -------------------------------
+
+    def submit(self, record: Record) -> bool:
+        """Queue ``record`` for writing. Never awaits and never touches the disk. Returns False
+        only under ``overflow="fail-closed"`` when the queue is full: refuse the flow."""
+        q = self._q
+        if len(q) >= self._qmax or self._closing:
+            if self._fail_closed or self._closing:
+                self._stats.refused += 1
+                wake = self._stats.refused == self._stats.alarmed_refused + 1
+            else:
+                self._stats.dropped += 1
+                wake = self._stats.dropped == self._stats.alarmed_dropped + 1
+            if wake and self._wake is not None:
+                self._wake.set()  # the alarm is written as soon as the writer can
+            return not (self._fail_closed or self._closing)
+        if not q:
+            self._first_at = self._loop.time() if self._loop is not None else 0.0
+            if self._wake is not None:
+                self._wake.set()
+        q.append(record)
+        self._stats.accepted += 1
+        if len(q) == self._batch_max and self._wake is not None:
+            self._wake.set()
+        return True
+
+    @property
+    def committed(self) -> int:
+        """Submitted records durably committed so far (in submission order)."""
+        return self._stats.committed
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped under fail-open because the queue was full."""
+        return self._stats.dropped
+
+    @property
+    def refused(self) -> int:
+        """Records refused under fail-closed (or after close) because the queue was full."""
+        return self._stats.refused
+
+    @property
+    def queued(self) -> int:
+        return len(self._q)
+
+    def stats(self) -> dict[str, int]:
+        return dataclasses.asdict(self._stats) | {"queued": len(self._q)}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store (create it, take the writer lock, load the key), reconcile
+        signatures left by a crash, apply retention, and start the writer task."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self._q:
+            self._first_at = self._loop.time()
+        await self._in_pool(self._open_store)
+        await self._reconcile()
+        await self._housekeeping(force_rollover=True)
+        self._task = self._loop.create_task(self._run(), name="linewarden-record-writer")
+
+    def _open_store(self) -> None:
+        init_store(self.store_dir, self.config)
+        self._lock.acquire()
+        key_dir = self.config.key_dir or str(self.store_dir / "keys")
+        self._key, created = keys.load_or_generate(key_dir)
+        self._digest = DigestLog(self.store_dir)
+        for _, e, _problem in read_digests(self._digest.path, None):
+            if e is not None and e.event != "expired":
+                self._signed[e.day] = (e.batch, e.final)
+        if created:
+            self._inject.append(Maintenance(
+                ts=int(self.clock() * US), admin="linewarden", operation="keys.init",
+                target=str(key_dir), result="ok", source_ip="local",
+            ))
+        if self.config.syslog:
+            from storage.export import SyslogSender
+
+            self._syslog = SyslogSender(self.config.syslog)
+
+    async def flush(self) -> None:
+        """Return once every record submitted before the call is committed."""
+        target = self._stats.accepted
+        if self._stats.committed >= target or self._task is None:
+            if self._task is None and self._stats.committed < target:
+                raise RuntimeError("RecordWriter.flush() before start()")
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        assert self._wake is not None
+        self._wake.set()
+        await asyncio.shield(fut)
+
+    async def close(self) -> None:
+        """Flush everything, sign every open day's head, close the files, release the lock."""
+        if self._task is None:
+            return
+        self._closing = True
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            await asyncio.shield(self._task)
+        finally:
+            self._task = None
+
+    def install_signal_handlers(self, then: Callable[[], None] | None = None) -> None:
+        """On SIGTERM or SIGINT: flush and close (nothing submitted is lost), then ``then()``."""
+        loop = asyncio.get_running_loop()
+
+        async def on_signal() -> None:
+            await self.close()
+            if then is not None:
+                then()
+
+        def handler() -> None:
+            if self._signal_task is None:
+                self._signal_task = loop.create_task(on_signal())
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, handler)
+
+    # --- the writer task -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._loop is not None and self._wake is not None
+        loop, wake = self._loop, self._wake
+        interval = self.config.commit_interval_ms / 1000
+        next_house = loop.time() + self.config.housekeeping_s
+        try:
+            while True:
+                urgent = self._closing or bool(self._waiters) or self._overflow_pending()
+                if not self._q and not urgent and not self._inject:
+                    wake.clear()
+                    await self._wait(wake, next_house - loop.time())
+                elif self._q and len(self._q) < self._batch_max and not urgent:
+                    deadline = (self._first_at if self._first_at is not None else loop.time()) + interval
+                    wake.clear()
+                    await self._wait(wake, min(deadline, next_house) - loop.time())
+                    if len(self._q) < self._batch_max and not self._closing and not self._waiters and loop.time() < deadline and not self._overflow_pending():
+                        if loop.time() >= next_house:
+                            next_house = await self._house_tick(next_house)
+                        continue
+                if self._q or self._inject or self._overflow_pending():
+                    await self._commit_some()
+                elif self._waiters:
+                    await self._drain()
+                self._resolve_waiters()
+                if loop.time() >= next_house:
+                    next_house = await self._house_tick(next_house)
+                if self._closing and not self._q and not self._inject:
+                    await self._drain()
+                    break
+        finally:
+            await self._shutdown()
+
+    async def _house_tick(self, next_house: float) -> float:
+        assert self._loop is not None
+        try:
+            await self._housekeeping()
+        except Exception as exc:  # housekeeping must never stop the writer
+            log.exception("storage housekeeping failed")
+            self.last_error = exc
+        return self._loop.time() + self.config.housekeeping_s
+
+    @staticmethod
+    async def _wait(ev: asyncio.Event, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _overflow_pending(self) -> bool:
+        s = self._stats
+        return s.dropped > s.alarmed_dropped or s.refused > s.alarmed_refused
+
+    def _overflow_alarms(self) -> list[Record]:
+        s, now = self._stats, int(self.clock() * US)
+        out: list[Record] = []
+        if s.dropped > s.alarmed_dropped:
+            n, s.alarmed_dropped = s.dropped - s.alarmed_dropped, s.dropped
+            out.append(Alarm(ts=now, action="log", alarm_kind="queue_overflow",
+                             detail=f"{n} records dropped (fail-open): writer queue full at queue_max={self._qmax}; {s.dropped} dropped in total"))
+        if s.refused > s.alarmed_refused:
+            n, s.alarmed_refused = s.refused - s.alarmed_refused, s.refused
+            out.append(Alarm(ts=now, action="log", alarm_kind="queue_overflow",
+                             detail=f"{n} records refused (fail-closed): writer queue full at queue_max={self._qmax}; flows were refused; {s.refused} refused in total"))
+        return out
+
+    def _resolve_waiters(self) -> None:
+        if not self._waiters:
+            return
+        done = self._stats.committed
+        keep = []
+        for target, fut in self._waiters:
+            if target <= done:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._waiters = keep
+
+    async def _commit_some(self) -> None:
+        """Take up to batch_max queued records (plus pending alarms), encode them on the
+        helper thread, and hand them to the write task. Encoding batch k+1 overlaps the
+        SQLite work of batch k (which runs without the GIL); writes stay in order."""
+        assert self._loop is not None
+        q = self._q
+        n = min(len(q), self._batch_max)
+        taken = [q.popleft() for _ in range(n)]
+        self._first_at = self._loop.time() if not q else float("-inf")
+        extra = self._inject + self._overflow_alarms()
+        self._inject = []
+        groups = await self._in_pool(self._route, extra + taken)
+        states = []
+        for day in groups:
+            if day not in self._days:
+                await self._drain()  # opening may close another day: nothing may be in flight
+            states.append(await self._day(day))
+        encoded = await self._in_pool(self._encode_all, states, list(groups.values()))
+        await self._drain()
+        self._inflight = self._loop.create_task(self._write_all(encoded, n, extra + taken))
+
+    async def _drain(self) -> None:
+        """Wait for the batch in flight (if any) to be committed."""
+        t = self._inflight
+        if t is not None:
+            await t
+            self._inflight = None
+
+    async def _write_all(self, encoded: list[tuple[DayState, Encoded]], n_taken: int, records: list[Record]) -> None:
+        """Commit each day's batch; on failure retry the same batch with backoff (the day's
+        state already counts it, and later batches build on it), so nothing is lost."""
+        for st, e in encoded:
+            delay = 0.5
+            while True:
+                try:
+                    await self._write(st, e)
+                    break
+                except Exception as exc:
+                    self.last_error = exc
+                    log.exception("storage commit of %s batch %d failed; retrying in %.1fs", st.day, e.n, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+        self._stats.committed += n_taken
+        self._stats.batches += 1
+        self._resolve_waiters()
+        if self._syslog is not None:
+            self._loop.run_in_executor(self._pool, self._syslog.send_many, records)  # type: ignore[union-attr]
+
+    def _route(self, records: list[Record]) -> dict[str, list[Record]]:
+        """Group by day. Something that is not a record, or has no int ``ts``, becomes a
+        ``bad_record`` alarm carrying it (never a silent drop)."""
+        groups: dict[str, list[Record]] = {}
+        route = self._router
+        for r in records:
+            if not isinstance(r, Record) or type(r.ts) is not int:
+                r = self._bad_record(r, TypeError("not a Record with an int ts"), int(self.clock() * US))
+            groups.setdefault(route(r.ts), []).append(r)
+        return groups
+
+    def _bad_record(self, r: Any, exc: Exception, ts: int) -> Record:
+        self._stats.bad_records += 1
+        try:
+            body = msgspec.json.encode(r).decode()
+        except Exception:
+            body = repr(r)
+        log.error("bad record turned into an alarm: %s", exc)
+        return Alarm(ts=ts, action="log", alarm_kind="bad_record", detail=f"{exc}: {body[:4000]}")
+
+    def _encode_all(self, states: list[DayState], groups: list[list[Record]]) -> list[tuple[DayState, Encoded]]:
+        return [(st, self._encode(st, recs)) for st, recs in zip(states, groups)]
+
+    def _encode(self, st: DayState, recs: list[Record]) -> Encoded:
+        """Rows, new strings and the chain hash of one day's batch. Advances the day's state
+        as if the batch were committed: the write task retries it until it is."""
+        enc = st.encoder
+        first = st.next_id
+        rows, logical = [], []
+        for i, r in enumerate(recs):
+            try:
+                row, lg = enc.encode(r, first + i)
+            except (BadRecord, msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+                row, lg = enc.encode(self._bad_record(r, exc, r.ts), first + i)
+            rows.append(row)
+            logical.append(lg)
+        new_strs, new_rkeys = st.interner.take()
+        n = st.next_batch
+        head, _ = batch_hash(st.head, n, first, logical)
+        ts = [r[2] for r in rows]
+        e = Encoded(insert_statements("rec", COLUMNS, rows), insert_statements("strs", ("id", "v", "rkey"), new_strs), new_rkeys, n, first, first + len(rows) - 1, min(ts), max(ts), head)
+        st.next_id, st.next_batch, st.head = e.last_id + 1, n + 1, head
+        return e
+
+    async def _write(self, st: DayState, e: Encoded) -> None:
+        c = st.conn
+        try:
+            await c.execute("BEGIN IMMEDIATE")
+            for sql, params in e.new_strs:
+                await c.execute(sql, params)
+            if e.new_rkeys:
+                await c.executemany(UPDATE_RKEY, e.new_rkeys)
+            for sql, params in e.rows:
+                await c.execute(sql, params)
+            await c.execute(INSERT_BATCH, (e.n, e.first_id, e.last_id, e.min_ts, e.max_ts, e.head))
+            await c.execute("COMMIT")
+        except BaseException:
+            try:
+                await c.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+        st.last_used = self._loop.time()  # type: ignore[union-attr]
+
+    # --- day files ---------------------------------------------------------------------------
+
+    async def _day(self, day: str) -> DayState:
+        st = self._days.get(day)
+        if st is not None:
+            return st
+        while len(self._days) >= self.config.max_open_days:
+            lru = min(self._days.values(), key=lambda s: s.last_used)
+            await self._close_day(lru)
+        st = await self._open_day(day)
+        self._days[day] = st
+        return st
+
+    async def _open_day(self, day: str) -> DayState:
+        path = day_path(self.store_dir, day)
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        for p in pragmas(self.config.synchronous):
+            await conn.execute(p)
+        await conn.execute("BEGIN IMMEDIATE")
+        for sql, args in init_sql(day, self.config.timezone, self.config.forensic):
+            await conn.execute(sql, args)
+        existing = await conn.execute_fetchall("SELECT code, tag, fields FROM kinds")
+        by_tag: dict[str, Layout] = {}
+        next_code = max((r[0] for r in existing), default=-1) + 1
+        for tag, fields in self._layouts.items():
+            match = [r for r in existing if r[1] == tag and tuple(msgspec.json.decode(r[2])) == fields]
+            if match:
+                code = match[0][0]
+            else:
+                code, next_code = next_code, next_code + 1
+                await conn.execute("INSERT INTO kinds(code, tag, fields) VALUES (?, ?, ?)", (code, tag, msgspec.json.encode(list(fields)).decode()))
+            by_tag[tag] = make_layout(code, tag, fields)
+        await conn.execute("COMMIT")
+        strs = await conn.execute_fetchall("SELECT id, v, rkey FROM strs")
+        interner = Interner(strs)
+        last = await conn.execute_fetchall("SELECT n, last_id, hash FROM batches ORDER BY n DESC LIMIT 1")
+        max_id = (await conn.execute_fetchall("SELECT max(id) FROM rec"))[0][0] or 0
+        if last:
+            n, last_id, head = last[0]
+            next_batch, head = n + 1, bytes(head)
+            next_id = max(last_id, max_id) + 1
+        else:
+            next_batch, head, next_id = 0, genesis(day), max_id + 1
+        signed_batch, signed_final = self._signed.get(day, (-1, False))
+        assert self._loop is not None
+        return DayState(day, conn, interner, RowEncoder(by_tag, interner), next_id, next_batch, head,
+                        signed_batch, signed_final, self._loop.time(), self._loop.time())
+
+    def _ended(self, day: str, now: float) -> bool:
+        _, end = day_bounds(day, self.config.tz)
+        return end + self.config.close_grace_s * US <= now * US
+
+    async def _sign(self, day: str, batch: int, last_id: int, head: bytes, final: bool, event: str | None = None) -> None:
+        assert self._digest is not None and self._key is not None
+        ev = event or ("close" if final else "checkpoint")
+        await self._in_pool(lambda: self._digest.append(  # type: ignore[union-attr]
+            self._key, event=ev, day=day, batch=batch, last_id=last_id, head=head, at=int(self.clock() * US)))  # type: ignore[arg-type]
+        if ev != "expired":
+            self._signed[day] = (batch, final)
+
+    async def _sign_state(self, st: DayState, final: bool) -> None:
+        await self._drain()  # sign only what is committed
+        await self._sign(st.day, st.next_batch - 1, st.next_id - 1, st.head, final)
+        st.signed_batch, st.signed_final = st.next_batch - 1, final
+        st.last_sign = self._loop.time()  # type: ignore[union-attr]
+
+    async def _close_day(self, st: DayState) -> None:
+        await self._drain()
+        final = self._ended(st.day, self.clock())
+        if st.dirty or (final and not st.signed_final):
+            await self._sign_state(st, final)
+        try:
+            await st.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            await st.conn.close()
+            self._days.pop(st.day, None)
+
+    async def _reconcile(self) -> None:
+        """After a crash: sign heads that were committed but not yet signed, and close days
+        that ended while the writer was down."""
+        now = self.clock()
+        for day in list_days(self.store_dir):
+            signed = self._signed.get(day)
+            ended = self._ended(day, now)
+            head = await self._in_pool(_read_head, day_path(self.store_dir, day))
+            if head is None:
+                continue
+            n, last_id, h = head
+            if signed is None or signed[0] != n or (ended and not signed[1]):
+                await self._sign(day, n, last_id, h if n >= 0 else genesis(day), ended)
+
+    async def _housekeeping(self, force_rollover: bool = False) -> None:
+        now = self.clock()
+        for st in list(self._days.values()):
+            if self._ended(st.day, now):
+                await self._close_day(st)
+            elif st.dirty and self._loop.time() - st.last_sign >= self.config.sign_interval_s:  # type: ignore[union-attr]
+                await self._sign_state(st, False)
+        today = day_of(int(now * US), self.config.tz)
+        if today != self._today or force_rollover:
+            self._today = today
+            await self._retention(today)
+        await self._check_disk()
+
+    async def _retention(self, today: str) -> None:
+        for day in expired_days(list_days(self.store_dir), today, self.config):
+            if not await self._in_pool(deletable, self.store_dir, day):
+                continue
+            st = self._days.get(day)
+            if st is not None:
+                await self._close_day(st)
+            head = await self._in_pool(_read_head, day_path(self.store_dir, day))
+            n, last_id, h = head if head else (-1, 0, genesis(day))
+            await self._sign(day, n, last_id, h, True, event="expired")
+            await self._in_pool(remove_day, self.store_dir, day)
+            self._signed.pop(day, None)
+            log.info("retention: removed day %s (older than %d days)", day, self.config.retention_days)
+
+    async def _check_disk(self) -> None:
+        ds = await self._in_pool(disk_status, self.store_dir, self.config)
+        now = self.clock()
+        if ds.low and now - self._last_disk_alarm >= DISK_ALARM_EVERY_S:
+            self._last_disk_alarm = now
+            self._inject.append(Alarm(ts=int(now * US), action="log", alarm_kind="disk_low",
+                                      detail=f"audit store {self.store_dir}: {ds.describe()}; nothing inside retention is deleted"))
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("last batch")
+        for st in list(self._days.values()):
+            try:
+                await self._close_day(st)
+            except Exception:
+                log.exception("closing day %s", st.day)
+        self._resolve_waiters()
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(RuntimeError("RecordWriter closed before the flush completed"))
+        if self._syslog is not None:
+            await self._in_pool(self._syslog.close)
+        self._pool.shutdown(wait=True)
+        self._lock.release()
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._pool, fn, *args)
+
+
+def _read_head(path: Path) -> tuple[int, int, bytes] | None:
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(path)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT n, last_id, hash FROM batches ORDER BY n DESC LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return (row[0], row[1], bytes(row[2])) if row else (-1, 0, b"")
+
+
+def write_records(store_dir: str | os.PathLike[str], records: Iterable[Record], config: StoreConfig | None = None, *, clock: Callable[[], float] = time.time) -> int:
+    """Write ``records`` synchronously (offline tools: replay, imports, benchmarks) and
+    return how many were committed. Applies back-pressure instead of dropping: when the
+    queue is full it waits for the writer. Safe to call from inside a running event loop
+    (it then runs on its own thread)."""
+    cfg = config or StoreConfig()
+
+    async def run() -> int:
+        w = RecordWriter(store_dir, cfg, clock=clock)
+        await w.start()
+        try:
+            for r in records:
+                while len(w._q) >= w._qmax:
+                    await w.flush()
+                w.submit(r)
+                if len(w._q) >= w._batch_max:
+                    await asyncio.sleep(0)
+        finally:
+            await w.close()
+        return w.committed
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, run()).result()

@@ -1,0 +1,305 @@
+"""End to end in network namespaces (deploy/lab.sh): client → gateway (nftables redirect
+of tcp 80/443 + ``linewarden run`` in transparent mode) → real HTTP and TLS servers.
+
+Allowed pages must arrive byte-identical (gzip and chunked included), a blocked page
+is replaced by the 451 page, a blocked POST never reaches the server (the server's own
+log is checked), an SNI block ends the handshake, and the store holds records that
+match what happened, field by field, the NAT address and port included (the server
+logs the source address it saw; it must equal the record's nat_ip:nat_port).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = ROOT / "deploy" / "lab.sh"
+PY = sys.executable
+SERVER_IP = "203.0.113.53"
+GW_WAN_IP = "203.0.113.1"
+CLIENT_IP = "198.51.100.10"
+PROXY_PORT = 8080
+KEYWORD = "澳门赌场代理"
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if not LAB.exists():
+        return f"{LAB} (the namespace lab script) is missing"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (./dev.sh test installs it as root)"
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        return "`ip netns` is unavailable here"
+    return None
+
+
+RULESET = 'name = "e2e-proxy"\nversion = 5\n\n[categories.gambling]\naction = "block"\n\n[categories.doh]\naction = "block"\n'
+KEYWORDS = f"id\tcategory\tkeyword\nK1\tgambling\t{KEYWORD}\n"
+DOMAINS = "id\tcategory\tdomain\nD1\tdoh\tdoh.lw.test\n"
+
+# The server: HTTP on :80 and TLS on :443, logging every request with the peer it saw.
+SERVER = r"""
+import asyncio, gzip, json, ssl, sys
+log = open(sys.argv[1], "a", buffering=1)
+PAGE = ("<html><body>" + "欢迎访问本站。" * 200 + "</body></html>").encode()
+BAD = ("<html><body><p>最新KEYWORD网址</p></body></html>").encode()
+GZ = gzip.compress(PAGE, mtime=0)
+def resp(headers, body=b"", chunks=None):
+    head = "HTTP/1.1 200 OK\r\n" + "".join(h + "\r\n" for h in headers)
+    if chunks is not None:
+        return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"".join(
+            b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    return (head + "Content-Length: %d\r\n\r\n" % len(body)).encode() + body
+ROUTES = {
+    "/plain": resp(["Content-Type: text/html; charset=utf-8"], PAGE),
+    "/gzip": resp(["Content-Type: text/html; charset=utf-8", "Content-Encoding: gzip"], GZ),
+    "/chunked": resp(["Content-Type: text/html; charset=utf-8"], chunks=[PAGE[:7], PAGE[7:2000], PAGE[2000:]]),
+    "/bad": resp(["Content-Type: text/html; charset=utf-8"], BAD),
+}
+async def handle(reader, writer):
+    peer = writer.get_extra_info("peername")
+    tls = writer.get_extra_info("sslcontext") is not None
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ")
+            body = b""
+            low = head.lower()
+            if b"content-length:" in low:
+                body = await reader.readexactly(int(low.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]))
+            log.write(json.dumps({"peer": list(peer[:2]), "tls": tls, "method": method, "path": path,
+                                  "body": body.decode("utf-8", "replace")}) + "\n")
+            writer.write(ROUTES.get(path, resp(["Content-Type: text/plain"], b"got " + body)))
+            await writer.drain()
+            if b"connection: close" in low:
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+async def main():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    a = await asyncio.start_server(handle, sys.argv[4], 80)
+    b = await asyncio.start_server(handle, sys.argv[4], 443, ssl=ctx)
+    print("ready", flush=True)
+    await asyncio.gather(a.serve_forever(), b.serve_forever())
+asyncio.run(main())
+""".replace("KEYWORD", KEYWORD)
+
+# The client: raw HTTP/1.1 to the server's address (nftables sends it to the proxy).
+CLIENT = r"""
+import json, socket, ssl, sys
+server = sys.argv[1]
+out = {}
+def http(name, raw, tls_sni=None):
+    s = socket.create_connection((server, 443 if tls_sni else 80), timeout=10)
+    port = s.getsockname()[1]
+    try:
+        if tls_sni:
+            ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+            s = ctx.wrap_socket(s, server_hostname=tls_sni)
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        out[name] = {"port": port, "raw": data.hex()}
+    except Exception as e:
+        out[name] = {"port": port, "error": repr(e)}
+    finally:
+        s.close()
+def get(path):
+    return ("GET %s HTTP/1.1\r\nHost: www.lw.test\r\nUser-Agent: lw-e2e\r\nConnection: close\r\n\r\n" % path).encode()
+for p in ("/plain", "/gzip", "/chunked", "/bad"):
+    http(p, get(p))
+body = ("title=x&content=最新" + sys.argv[2] + "网址").encode()
+http("post-bad", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+http("post-ok", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+http("tls-ok", get("/plain"), tls_sni="www.lw.test")
+http("tls-doh", get("/plain"), tls_sni="doh.lw.test")
+print(json.dumps(out))
+"""
+
+
+def _cert(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.lw.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("www.lw.test"), x509.DNSName("doh.lw.test")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    c, k = tmp / "cert.pem", tmp / "key.pem"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return c, k
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    prefix = "lw" + secrets.token_hex(2)
+    env = dict(os.environ, LW_LAB=prefix, LW_PROXY_PORT=str(PROXY_PORT))
+    subprocess.run([str(LAB), "up"], env=env, check=True, capture_output=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield prefix, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # by our own Popen handle: processes this test started
+                p.wait(5)
+        subprocess.run([str(LAB), "down"], env=env, capture_output=True)
+
+
+def _ns(prefix: str, role: str) -> list[str]:
+    return ["ip", "netns", "exec", f"{prefix}-{role}"]
+
+
+def _wait_for(path: Path, text: bytes, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while text not in (path.read_bytes() if path.exists() else b""):
+        assert proc.poll() is None, f"{what} exited: {path.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.2)
+
+
+def _parse(raw_hex: str):  # type: ignore[no-untyped-def]
+    from rules.wire import parse_message
+
+    return parse_message(bytes.fromhex(raw_hex))
+
+
+def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path) -> None:
+    prefix, procs = lab
+    cert, key = _cert(tmp_path)
+    server_log = tmp_path / "server.jsonl"
+    server_out = tmp_path / "server.out"
+    with open(server_out, "wb") as out:
+        server = subprocess.Popen(_ns(prefix, "server") + [PY, "-c", SERVER, str(server_log), str(cert), str(key),
+                                                           SERVER_IP], stdout=out, stderr=subprocess.STDOUT)
+    procs.append(server)
+    _wait_for(server_out, b"ready", server, "server")
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "ruleset.toml").write_text(RULESET)
+    (rules / "keywords.tsv").write_text(KEYWORDS, encoding="utf-8")
+    (rules / "domains.tsv").write_text(DOMAINS)
+    store = tmp_path / "store"
+    config = tmp_path / "linewarden.toml"
+    config.write_text(f"""
+[rules]
+dir = "{rules}"
+[store]
+dir = "{store}"
+commit_interval_ms = 50
+[http]
+listen = "0.0.0.0:{PROXY_PORT}"
+mode = "transparent"
+[dns]
+enabled = false
+[[identity.binding]]
+ip = "{CLIENT_IP}"
+account = "alice"
+""")
+    lw_log = tmp_path / "linewarden.log"
+    with open(lw_log, "wb") as out:
+        lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    procs.append(lw)
+    _wait_for(lw_log, b"upstreams", lw, "linewarden")
+
+    client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD],
+                            capture_output=True, timeout=120)
+    assert client.returncode == 0, client.stderr.decode()
+    got = json.loads(client.stdout)
+
+    # Allowed pages: byte-identical, head and body, gzip and chunked included.
+    import importlib.util
+
+    spec = importlib.util.spec_from_loader("srv", loader=None)
+    srv = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    exec(SERVER.split("async def handle")[0].replace('log = open(sys.argv[1], "a", buffering=1)', ""), srv.__dict__)
+    for path in ("/plain", "/gzip", "/chunked"):
+        assert "error" not in got[path], got[path]
+        raw = bytes.fromhex(got[path]["raw"])
+        assert _parse(got[path]["raw"]).body == _parse(srv.ROUTES[path].hex()).body, path
+        if path != "/chunked":
+            assert raw == srv.ROUTES[path], path
+    assert _parse(got["tls-ok"]["raw"]).body == _parse(srv.ROUTES["/plain"].hex()).body
+
+    # Blocks.
+    bad = _parse(got["/bad"]["raw"])
+    assert bad.status == 451 and KEYWORD not in bad.body.decode()
+    assert _parse(got["post-bad"]["raw"]).status == 451
+    assert _parse(got["post-ok"]["raw"]).body == b"got hello"
+    assert "error" in got["tls-doh"] and "ACCESS_DENIED" in got["tls-doh"]["error"].upper().replace(" ", "_")
+
+    seen = [json.loads(line) for line in server_log.read_text().splitlines()]
+    assert not any(KEYWORD in s["body"] for s in seen)  # the blocked POST never reached the server
+    assert [s["body"] for s in seen if s["method"] == "POST"] == ["hello"]
+
+    lw.send_signal(signal.SIGTERM)
+    assert lw.wait(60) == 0, lw_log.read_text()
+
+    from storage.query import query
+    from storage.records import Conn, Http, Tls
+
+    records = list(query(store))
+    https = [r for r in records if isinstance(r, Http)]
+    conns = {r.uid: r for r in records if isinstance(r, Conn)}
+    tlss = [r for r in records if isinstance(r, Tls)]
+    by_port = {g["port"]: name for name, g in got.items()}
+    peers = {(s["peer"][0], s["peer"][1]) for s in seen}
+    for h in https:
+        name = by_port[h.client_port]
+        c = conns[h.uid]
+        assert (h.client_ip, h.account, h.server_ip, h.server_port) == (CLIENT_IP, "alice", SERVER_IP, 80), h
+        assert h.host == "www.lw.test" and h.ruleset_version == 5
+        blocked = name in ("/bad", "post-bad")
+        assert h.action == ("block" if blocked else "allow"), (name, h)
+        assert h.rule_ids == (["K1"] if blocked else [])
+        if name != "post-bad":
+            # The proxy's upstream socket: the address and port the server saw.
+            assert (h.nat_ip, h.nat_port) in peers and h.nat_ip == GW_WAN_IP, (name, h)
+            assert (c.nat_ip, c.nat_port) == (h.nat_ip, h.nat_port)
+        else:
+            assert h.nat_port is None and c.bytes_down == 0
+        assert c.client_port == h.client_port and c.service == "http" and c.bytes_up > 0
+    assert sorted(by_port[h.client_port] for h in https) == sorted(
+        ["/plain", "/gzip", "/chunked", "/bad", "post-bad", "post-ok"])
+    assert {(t.sni, t.action, t.intercepted) for t in tlss} == {("www.lw.test", "allow", False),
+                                                              ("doh.lw.test", "block", False)}
+    for t in tlss:
+        c = conns[t.uid]
+        assert (t.client_ip, t.account, t.server_ip, t.server_port) == (CLIENT_IP, "alice", SERVER_IP, 443)
+        if t.action == "allow":
+            assert (t.nat_ip, t.nat_port) in peers and c.bytes_down > 0 and c.close_reason == "fin"
+        else:
+            assert t.rule_ids == ["D1"] and c.close_reason == "blocked" and c.bytes_down == 0

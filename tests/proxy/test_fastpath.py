@@ -1,0 +1,386 @@
+"""The fast path in explicit mode over real loopback sockets (proxy/fastpath.py, fastpath_http.py).
+
+An origin server (HTTP and TLS) runs on 127.0.0.1 and logs every request it
+receives; the proxy runs with a real Engine compiled from a small rule set and a
+real RecordWriter; the client speaks raw HTTP/1.1 so that bytes can be compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proxy.fastpath import FastPath, FastPathConfig
+from rules.engine import Engine
+from rules.wire import parse_message
+from storage.config import StoreConfig
+from storage.query import query
+from storage.writer import RecordWriter
+
+pytestmark = pytest.mark.e2e
+
+KEYWORD = "澳门赌场代理"
+RULES = {
+    "ruleset.toml": 'name = "fastpath-test"\nversion = 7\n\n[categories.gambling]\naction = "block"\n\n'
+    '[categories.doh]\naction = "block"\n\n[categories.watch]\naction = "log"\n',
+    "keywords.tsv": f"id\tcategory\tkeyword\nK1\tgambling\t{KEYWORD}\nK2\twatch\twatchword\n",
+    "domains.tsv": "id\tcategory\tdomain\nD1\tdoh\tdns.blocked.example\nD2\tgambling\tcasino.example\n",
+}
+
+PAGE_1K = ("<html><body>" + "欢迎访问本站。" * 60 + "</body></html>").encode()
+BAD_HTML = f"<html><body><p>最新{KEYWORD}网址</p></body></html>".encode()
+PNG = b"\x89PNG\r\n\x1a\n" + KEYWORD.encode() + bytes(range(256)) * 40
+
+
+def _chunks(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+def _response(status: str, headers: list[str], body: bytes, *, chunked_parts: list[bytes] | None = None) -> bytes:
+    if chunked_parts is not None:
+        head = [f"HTTP/1.1 {status}", *headers, "Transfer-Encoding: chunked"]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + _chunks(chunked_parts)
+    head = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+GZ = gzip.compress(PAGE_1K, mtime=0)
+BAD_GZ = gzip.compress(BAD_HTML, mtime=0)
+ROUTES: dict[str, bytes] = {
+    "/plain": _response("200 OK", ["Content-Type: text/html; charset=utf-8"], PAGE_1K),
+    "/gzip": _response("200 OK", ["Content-Type: text/html; charset=utf-8", "Content-Encoding: gzip"], GZ),
+    "/chunked": _response("200 OK", ["Content-Type: text/html; charset=utf-8"], b"",
+                          chunked_parts=[PAGE_1K[:100], PAGE_1K[100:101], PAGE_1K[101:]]),
+    "/bad": _response("200 OK", ["Content-Type: text/html; charset=utf-8"], BAD_HTML),
+    "/bad-gzip-chunked": _response("200 OK", ["Content-Type: text/html; charset=utf-8", "Content-Encoding: gzip"],
+                                   b"", chunked_parts=[BAD_GZ[:20], BAD_GZ[20:]]),
+    "/image": _response("200 OK", ["Content-Type: image/png"], PNG),
+    "/watch": _response("200 OK", ["Content-Type: text/plain"], b"a watchword here"),
+}
+
+
+@dataclass
+class Origin:
+    """HTTP/1.1 origin on loopback that logs each request it receives (method, path, body)."""
+
+    log: list[tuple[str, str, bytes]] = field(default_factory=list)
+    port: int = 0
+    tls_port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                msg_head = parse_message(head) if b"content-length" not in head.lower() else None
+                line = head.split(b"\r\n", 1)[0].decode()
+                method, path, _ = line.split(" ")
+                body = b""
+                if msg_head is None:
+                    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                    body = await reader.readexactly(length)
+                self.log.append((method, path, body))
+                if method == "POST":
+                    writer.write(_response("200 OK", ["Content-Type: text/plain"], b"got " + body))
+                else:
+                    writer.write(ROUTES.get(path, _response("404 Not Found", [], b"")))
+                await writer.drain()
+                if b"connection: close" in head.lower():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _tls_context(tmp: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.allowed.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans = [x509.DNSName(n) for n in ("www.allowed.example", "dns.blocked.example")]
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    return ctx
+
+
+@dataclass
+class Lab:
+    origin: Origin
+    proxy: FastPath
+    writer: RecordWriter
+    store: Path
+
+    @property
+    def proxy_port(self) -> int:
+        assert self.proxy.address is not None
+        return self.proxy.address[1]
+
+    async def records(self, kind: str) -> list:  # type: ignore[type-arg]
+        async with asyncio.timeout(5):  # conn records are written when the proxy side closes
+            while self.proxy.stats.active:
+                await asyncio.sleep(0.01)
+        await self.writer.flush()
+        return list(query(self.store, kind=kind))
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for name, text in RULES.items():
+        (rules / name).write_text(text, encoding="utf-8")
+    engine = Engine.from_dir(rules)
+    origin = Origin()
+    http_srv = await asyncio.start_server(origin.handle, "127.0.0.1", 0)
+    tls_srv = await asyncio.start_server(origin.handle, "127.0.0.1", 0, ssl=_tls_context(tmp_path))
+    origin.port = http_srv.sockets[0].getsockname()[1]
+    origin.tls_port = tls_srv.sockets[0].getsockname()[1]
+    store = tmp_path / "store"
+    writer = RecordWriter(store, StoreConfig(commit_interval_ms=20))
+    await writer.start()
+    proxy = FastPath(engine, writer.submit, FastPathConfig(listen=("127.0.0.1", 0), response_hold_max=64 * 1024,
+                                                           request_hold_max=64 * 1024))
+    await proxy.start()
+    try:
+        yield Lab(origin, proxy, writer, store)
+    finally:
+        await proxy.stop()
+        await writer.close()
+        for srv in (http_srv, tls_srv):
+            srv.close()
+
+
+async def exchange(lab: Lab, raw: bytes, *, timeout: float = 10) -> bytes:
+    """Send raw bytes to the proxy, read until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    writer.write(raw)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(timeout):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+def get(lab: Lab, path: str, extra: str = "") -> bytes:
+    return (f"GET http://127.0.0.1:{lab.origin.port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{lab.origin.port}\r\n"
+            f"User-Agent: lw-test\r\n{extra}Connection: close\r\n\r\n").encode()
+
+
+def split_response(raw: bytes) -> tuple[bytes, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head, body
+
+
+def entity(raw: bytes) -> bytes:
+    return parse_message(raw).body
+
+
+# -- plain HTTP, allowed: byte-identical ----------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/plain", "/gzip", "/chunked", "/image"])
+async def test_allowed_pages_arrive_byte_identical(lab: Lab, path: str) -> None:
+    raw = await exchange(lab, get(lab, path))
+    sent = ROUTES[path]
+    assert parse_message(raw).status == 200
+    assert entity(raw) == entity(sent)  # gzip bytes and de-chunked bodies identical
+    if path != "/chunked":
+        assert raw == sent  # same head (names, order, values) and same body bytes
+    else:
+        assert split_response(raw)[0] == split_response(sent)[0]
+
+
+async def test_keep_alive_and_pipelining_keep_order(lab: Lab) -> None:
+    p = lab.origin.port
+    two = (f"GET http://127.0.0.1:{p}/plain HTTP/1.1\r\nHost: x\r\n\r\n"
+           f"GET http://127.0.0.1:{p}/gzip HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode()
+    raw = await exchange(lab, two)
+    assert raw == ROUTES["/plain"] + ROUTES["/gzip"]
+    conns = await lab.records("conn")
+    assert len(conns) == 1 and conns[0].service == "http"
+    assert [h.url for h in await lab.records("http")] == [f"http://127.0.0.1:{p}/plain", f"http://127.0.0.1:{p}/gzip"]
+
+
+# -- blocks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/bad", "/bad-gzip-chunked"])
+async def test_blocked_response_is_replaced_by_451(lab: Lab, path: str) -> None:
+    raw = await exchange(lab, get(lab, path))
+    msg = parse_message(raw)
+    assert msg.status == 451
+    page = msg.body.decode()
+    assert "gambling" in page
+    assert KEYWORD not in page  # never echoes the matched text
+    [h] = await lab.records("http")
+    assert h.action == "block" and h.rule_ids == ["K1"] and h.category == "gambling"
+    assert h.status == 200 and KEYWORD in (h.snippet or "")
+    assert h.uid in page  # the reference id is the record's uid
+
+
+async def test_blocked_post_never_reaches_the_origin(lab: Lab) -> None:
+    body = f"subject=hi&content=最新{KEYWORD}网址".encode()
+    p = lab.origin.port
+    req = (f"POST http://127.0.0.1:{p}/forum/post HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n"
+           f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+           f"Connection: close\r\n\r\n").encode() + body
+    raw = await exchange(lab, req)
+    assert parse_message(raw).status == 451
+    assert all(m != "POST" for m, _, _ in lab.origin.log)  # the origin's own log
+    [h] = await lab.records("http")
+    assert (h.method, h.action, h.rule_ids, h.status) == ("POST", "block", ["K1"], None)
+    assert h.req_bytes == len(body) and h.evidence
+    [c] = await lab.records("conn")
+    assert c.action == "block" and c.bytes_down == 0 and c.nat_port is None
+
+
+async def test_allowed_post_reaches_the_origin_after_100_continue(lab: Lab) -> None:
+    body = b"content=hello"
+    p = lab.origin.port
+    head = (f"POST http://127.0.0.1:{p}/forum/post HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    writer.write(head)
+    async with asyncio.timeout(10):
+        # The proxy reads the body itself (to scan it before the server sees it).
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        raw = await reader.read(-1)
+    writer.close()
+    assert entity(raw) == b"got content=hello"
+    assert lab.origin.log == [("POST", "/forum/post", body)]
+
+
+async def test_domain_rule_blocks_before_connecting(lab: Lab) -> None:
+    req = b"GET http://www.casino.example/ HTTP/1.1\r\nHost: www.casino.example\r\nConnection: close\r\n\r\n"
+    raw = await exchange(lab, req)
+    assert parse_message(raw).status == 451
+    [h] = await lab.records("http")
+    assert h.rule_ids == ["D2"] and h.host == "www.casino.example"
+    assert lab.origin.log == []
+
+
+async def test_log_rule_passes_and_is_recorded(lab: Lab) -> None:
+    raw = await exchange(lab, get(lab, "/watch"))
+    assert raw == ROUTES["/watch"]
+    [h] = await lab.records("http")
+    assert h.action == "log" and h.rule_ids == ["K2"]
+
+
+async def test_response_past_the_scan_window_is_cut_on_a_late_match(lab: Lab) -> None:
+    big = b"<html>" + b"x" * (100 * 1024) + KEYWORD.encode() + b"</html>"
+    ROUTES["/big-late"] = _response("200 OK", ["Content-Type: text/html; charset=utf-8"], big)
+    try:
+        raw = await exchange(lab, get(lab, "/big-late"))
+    except ConnectionResetError:
+        raw = b""
+    assert len(raw) < len(big)  # the client never gets the whole body
+    [h] = await lab.records("http")
+    assert h.action == "block" and h.rule_ids == ["K1"]
+    [c] = await lab.records("conn")
+    assert c.close_reason == "blocked"
+
+
+# -- malformed -----------------------------------------------------------------------------
+
+
+async def test_bad_chunk_size_gets_400_and_a_record(lab: Lab) -> None:
+    p = lab.origin.port
+    req = (f"POST http://127.0.0.1:{p}/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+           "zz\r\nhello\r\n0\r\n\r\n").encode()
+    raw = await exchange(lab, req)
+    assert parse_message(raw).status == 400
+    assert lab.origin.log == []
+    [h] = await lab.records("http")
+    assert h.action == "block" and h.status == 400
+    # the proxy keeps serving others
+    assert await exchange(lab, get(lab, "/plain")) == ROUTES["/plain"]
+
+
+async def test_smuggling_cl_te_is_refused(lab: Lab) -> None:
+    p = lab.origin.port
+    req = (f"POST http://127.0.0.1:{p}/x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
+           "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode()
+    raw = await exchange(lab, req)
+    assert parse_message(raw).status == 400
+    assert lab.origin.log == []
+
+
+async def test_unreachable_server_gets_502(lab: Lab) -> None:
+    req = b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\nConnection: close\r\n\r\n"
+    raw = await exchange(lab, req)
+    assert parse_message(raw).status == 502
+
+
+# -- TLS through CONNECT -------------------------------------------------------------------
+
+
+async def _tls_get(lab: Lab, sni: str, path: str = "/plain") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    try:
+        writer.write(f"CONNECT 127.0.0.1:{lab.origin.tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        await writer.start_tls(ctx, server_hostname=sni)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+async def test_tls_passthrough_is_spliced_and_counted(lab: Lab) -> None:
+    raw = await _tls_get(lab, "www.allowed.example")
+    assert raw == ROUTES["/plain"]
+    [t] = await lab.records("tls")
+    assert (t.sni, t.action, t.intercepted, t.tls_version) == ("www.allowed.example", "allow", False, "TLSv1.3")
+    assert t.server_ip == "127.0.0.1" and t.server_port == lab.origin.tls_port and t.nat_port
+    conns = await lab.records("conn")
+    [c] = [c for c in conns if c.uid == t.uid]
+    assert c.service == "tls" and c.bytes_down > len(ROUTES["/plain"]) and c.bytes_up > 200
+    assert c.community_id and c.community_id.startswith("1:")
+    assert lab.origin.log == [("GET", "/plain", b"")]
+
+
+async def test_sni_block_ends_the_handshake(lab: Lab) -> None:
+    with pytest.raises(ssl.SSLError, match="ACCESS_DENIED|access denied"):
+        await _tls_get(lab, "dns.blocked.example")
+    [t] = await lab.records("tls")
+    assert (t.sni, t.action, t.rule_ids) == ("dns.blocked.example", "block", ["D1"])
+    [c] = await lab.records("conn")
+    assert c.close_reason == "blocked" and c.bytes_down == 0
+    assert lab.origin.log == []
+
+
+async def test_records_join_on_uid_and_carry_nat(lab: Lab) -> None:
+    await exchange(lab, get(lab, "/plain"))
+    [h] = await lab.records("http")
+    [c] = await lab.records("conn")
+    assert h.uid == c.uid
+    assert (c.client_ip, c.server_ip, c.server_port) == ("127.0.0.1", "127.0.0.1", lab.origin.port)
+    assert c.nat_ip == "127.0.0.1" and c.nat_port and c.nat_port != c.client_port
+    assert c.bytes_down == len(ROUTES["/plain"]) and c.ruleset_version == 7
+    assert h.user_agent == "lw-test" and h.resp_bytes == len(PAGE_1K) and h.content_type
