@@ -13,6 +13,11 @@ Workloads (dnsperf, 1 thread, 4 clients, each run bounded by ``--seconds``):
   then looped;
 * cache-miss: fresh unique names, each asked once (``-n 1``).
 
+linewarden records every query in its hash-chained store. The peers run twice:
+as they come, and with their own per-query logging on (dnsmasq
+``log-queries=extra`` to a file, unbound ``log-replies``), which is how a unit
+would meet the audit obligation with them ("+log" rows).
+
 Latency percentiles come from dnsperf's ``-v`` per-query lines (it prints only
 the average itself). linewarden records every query: after its runs the store
 is counted and the count printed next to the queries it answered.
@@ -24,7 +29,6 @@ Usage: ``.venv/bin/python benchmarks/bench_dns.py [--seconds 10] [--workers 2]``
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import shutil
@@ -143,22 +147,27 @@ address=/{ZONE}/{ANSWER}
     return conf
 
 
-def dnsmasq_conf(d: Path, port: int, up: int, blocked: list[str]) -> Path:
-    conf = d / "dnsmasq.conf"
+def dnsmasq_conf(d: Path, port: int, up: int, blocked: list[str], log: bool) -> Path:
+    conf = d / f"dnsmasq{'-log' if log else ''}.conf"
     lines = [f"port={port}", f"listen-address={HOST}", "bind-interfaces", "no-resolv",
              "no-hosts", "no-poll", "user=root", f"server={HOST}#{up}", "cache-size=10000"]
+    if log:
+        # Its way of recording every query (and its answer): a text log line each.
+        lines += ["log-queries=extra", f"log-facility={d}/dnsmasq-queries.log"]
     lines += [f"address=/{name}/" for name in blocked]  # no address: NXDOMAIN
     conf.write_text("\n".join(lines) + "\n")
     return conf
 
 
-def unbound_conf(d: Path, port: int, up: int, blocked: list[str], threads: int) -> Path:
-    conf = d / f"unbound-{threads}.conf"
+def unbound_conf(d: Path, port: int, up: int, blocked: list[str], threads: int,
+                 log: bool = False) -> Path:
+    conf = d / f"unbound-{threads}{'-log' if log else ''}.conf"
     body = [
         "server:",
         f"  interface: {HOST}", f"  port: {port}", f"  num-threads: {threads}",
         "  username: \"\"", "  chroot: \"\"", f"  directory: \"{d}\"", "  pidfile: \"\"",
-        "  use-syslog: no", f"  logfile: \"{d}/unbound-{threads}.log\"", "  verbosity: 0",
+        "  use-syslog: no", f"  logfile: \"{d}/unbound-{threads}{'-log' if log else ''}.log\"",
+        "  verbosity: 0", f"  log-replies: {'yes' if log else 'no'}",
         "  do-not-query-localhost: no", "  module-config: \"iterator\"",
         "  access-control: 127.0.0.0/8 allow", "  local-zone: \"test.\" nodefault",
         "  domain-insecure: \"lw.test.\"", "  qname-minimisation: no",
@@ -233,6 +242,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="linewarden dns.workers")
     ap.add_argument("--miss-names", type=int, default=600_000,
                     help="unique names per cache-miss run (more than any server answers in --seconds)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every server this many times and keep each one's best run "
+                         "(a shared machine's load varies)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--only", nargs="*", default=[], help="subset of servers to run")
     args = ap.parse_args()
@@ -259,48 +271,53 @@ def main() -> int:
                      "--pid-file="], work / "upstream.log")
         wait_dns(up)
         servers: list[tuple[str, list[str], dict]] = []
-        p_lw, p_dm, p_ub, p_ub2 = free_port(), free_port(), free_port(), free_port()
+        p_lw, p_ub2 = free_port(), free_port()
         servers.append(("upstream", [], {"port": up}))
         servers.append(("linewarden", [sys.executable, "-m", "linewarden", "run", "--config",
                                        str(linewarden_conf(work, p_lw, up, blocked, args.workers))],
                         {"port": p_lw, "cwd": ROOT}))
-        servers.append(("dnsmasq", ["dnsmasq", "--keep-in-foreground", "--pid-file=",
-                                    f"--conf-file={dnsmasq_conf(work, p_dm, up, blocked)}"], {"port": p_dm}))
-        servers.append(("unbound", ["unbound", "-d", "-c", str(unbound_conf(work, p_ub, up, blocked, 1))],
-                        {"port": p_ub}))
+        for log in (False, True):
+            suffix = "+log" if log else ""
+            pd, pu = free_port(), free_port()
+            servers.append((f"dnsmasq{suffix}", ["dnsmasq", "--keep-in-foreground", "--pid-file=",
+                            f"--conf-file={dnsmasq_conf(work, pd, up, blocked, log)}"], {"port": pd}))
+            servers.append((f"unbound{suffix}", ["unbound", "-d", "-c",
+                            str(unbound_conf(work, pu, up, blocked, 1, log))], {"port": pu}))
         servers.append(("unbound-2t", ["unbound", "-d", "-c", str(unbound_conf(work, p_ub2, up, blocked, 2))],
                         {"port": p_ub2}))
         if args.only:
             servers = [s for s in servers if s[0] in args.only]
-        for name, cmd, opts in servers:
-            port = opts["port"]
-            p = None
-            if cmd:
-                p = procs.start(cmd, work / f"{name}.log", cwd=opts.get("cwd"))
-                wait_dns(port, timeout=180)
-            # Warm the cache, then the cache-hit run.
-            dnsperf(port, hit, 5, True, work / f"{name}-warm.txt")
-            r = dnsperf(port, hit, args.seconds, False, work / f"{name}-hit.txt")
-            r.server, r.workload = name, "cache-hit"
-            results.append(r)
-            print(f"{name:11s} cache-hit  {r.qps:9.0f} qps  p50 {r.p50_ms:6.3f} ms  "
-                  f"p99 {r.p99_ms:6.3f} ms  lost {r.lost}", flush=True)
-            miss = work / f"miss-{name}.txt"
-            tag = f"{name.replace('-', '')}{rnd.getrandbits(24):06x}"
-            miss.write_text("".join(f"m{i}.{tag}.{ZONE} A\n" for i in range(args.miss_names)))
-            r = dnsperf(port, miss, args.seconds, True, work / f"{name}-miss.txt")
-            r.server, r.workload = name, "cache-miss"
-            results.append(r)
-            print(f"{name:11s} cache-miss {r.qps:9.0f} qps  p50 {r.p50_ms:6.3f} ms  "
-                  f"p99 {r.p99_ms:6.3f} ms  lost {r.lost}", flush=True)
-            if p is not None:
-                rc = procs.stop(p, 120)
-                if name == "linewarden":
-                    asked = sum(x.completed + x.lost for x in results if x.server == name)
-                    warm = HIT_NAMES + HIT_BLOCKED
-                    recorded[name] = (count_dns_records(work / "store"), asked + warm + 1)
-                    if rc != 0:
-                        print(f"linewarden exited {rc}; see {work}/linewarden.log", file=sys.stderr)
+        for rnd_i in range(args.rounds):
+            for name, cmd, opts in servers:
+                port = opts["port"]
+                p = None
+                if cmd:
+                    p = procs.start(cmd, work / f"{name}.log", cwd=opts.get("cwd"))
+                    wait_dns(port, timeout=180)
+                sent = 1  # the readiness probe
+                # Warm the cache, then the cache-hit run.
+                w = dnsperf(port, hit, 5, True, work / f"{name}-warm.txt")
+                sent += w.completed + w.lost
+                for workload in ("cache-hit", "cache-miss"):
+                    if workload == "cache-hit":
+                        data, once = hit, False
+                    else:
+                        data, once = work / f"miss-{name}.txt", True
+                        tag = f"{re.sub('[^a-z0-9]', '', name)}{rnd.getrandbits(24):06x}"
+                        data.write_text("".join(f"m{i}.{tag}.{ZONE} A\n" for i in range(args.miss_names)))
+                    r = dnsperf(port, data, args.seconds, once, work / f"{name}-{workload}.txt")
+                    r.server, r.workload = name, workload
+                    results.append(r)
+                    sent += r.completed + r.lost
+                    print(f"round {rnd_i + 1} {name:12s} {workload:10s} {r.qps:9.0f} qps  "
+                          f"p50 {r.p50_ms:6.3f} ms  p99 {r.p99_ms:6.3f} ms  lost {r.lost}", flush=True)
+                if p is not None:
+                    rc = procs.stop(p, 120)
+                    if name == "linewarden":
+                        before = recorded.get(name, (0, 0))[1]
+                        recorded[name] = (count_dns_records(work / "store"), before + sent)
+                        if rc != 0:
+                            print(f"linewarden exited {rc}; see {work}/linewarden.log", file=sys.stderr)
         report(results, recorded)
     finally:
         procs.stop_all()
@@ -312,23 +329,27 @@ def main() -> int:
 
 
 def report(results: list[Result], recorded: dict[str, tuple[int, int]]) -> None:
-    print()
-    print(f"{'server':11s} {'workload':10s} {'qps':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    best: dict[tuple[str, str], Result] = {}
     for r in results:
-        print(f"{r.server:11s} {r.workload:10s} {r.qps:9.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f}")
-    by = {(r.server, r.workload): r for r in results}
+        key = (r.server, r.workload)
+        if key not in best or r.qps > best[key].qps:
+            best[key] = r
+    print()
+    print(f"{'server':12s} {'workload':10s} {'qps':>9s} {'p50 ms':>8s} {'p99 ms':>8s}   (best round)")
+    for r in best.values():
+        print(f"{r.server:12s} {r.workload:10s} {r.qps:9.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f}")
     print()
     for workload in ("cache-hit", "cache-miss"):
-        lw = by.get(("linewarden", workload))
+        lw = best.get(("linewarden", workload))
         if lw is None:
             continue
-        for peer in ("dnsmasq", "unbound", "unbound-2t", "upstream"):
-            other = by.get((peer, workload))
+        for peer in ("dnsmasq", "unbound", "dnsmasq+log", "unbound+log", "unbound-2t", "upstream"):
+            other = best.get((peer, workload))
             if other and other.qps:
-                print(f"ratio {workload:10s} linewarden/{peer:10s} = {lw.qps / other.qps:5.2f}")
+                print(f"ratio {workload:10s} linewarden/{peer:11s} = {lw.qps / other.qps:5.2f}")
     for name, (n, asked) in recorded.items():
         print(f"{name}: {n} dns records in the store for {asked} queries sent "
-              f"(warm-up and readiness probe included; lost queries may never have arrived)")
+              f"(warm-up and readiness probes included)")
 
 
 if __name__ == "__main__":

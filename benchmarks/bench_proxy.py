@@ -30,7 +30,6 @@ refuses, the run says so and reports it as not measured.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import re
@@ -38,7 +37,6 @@ import resource
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -50,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
 PAGES = {"1k": 1024, "64k": 64 * 1024, "1m": 1024 * 1024}
+PAGE_CONNS = {"1k": 32, "64k": 16, "1m": 4}
+"""wrk connections per page size at the default ``--connections 32`` (scaled with it)."""
 E2G_MAX_LINKS = 60
 """e2guardian's per-node child limit in its phrase trie (ListContainer)."""
 
@@ -261,7 +261,7 @@ http {{
     return Proc("origin", port, p, tls_port)
 
 
-def start_linewarden(work: Path, keywords: list[str]) -> Proc:
+def start_linewarden(work: Path, keywords: list[str], workers: int) -> Proc:
     rules = work / "lw-rules"
     write_rules(rules, keywords)
     port = free_port()
@@ -274,6 +274,7 @@ dir = "{work / 'lw-store'}"
 [http]
 listen = "127.0.0.1:{port}"
 mode = "explicit"
+workers = {workers}
 [dns]
 enabled = false
 """)
@@ -393,62 +394,28 @@ def wrk(port: int, url: str, host: str, duration: int, conns: int, threads: int,
     return rps, mbs
 
 
-_CTX: ssl.SSLContext | None = None
-
-
-def _client_ctx() -> ssl.SSLContext:
-    """One client context (building one per connection loads the CA store: ~50 ms)."""
-    global _CTX
-    if _CTX is None:
-        _CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        _CTX.check_hostname = False
-        _CTX.verify_mode = ssl.CERT_NONE
-    return _CTX
-
-
-async def _tls_client(proxy_port: int, origin_port: int, sni: str, path: str, keepalive_bytes: bool) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
-    try:
-        writer.write(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
-        await reader.readuntil(b"\r\n\r\n")
-        await writer.start_tls(_client_ctx(), server_hostname=sni)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
-        n = 0
-        while chunk := await reader.read(1 << 18):
-            n += len(chunk)
-        return n
-    finally:
-        writer.close()
-
-
-def tls_load(proxy_port: int, origin_port: int, path: str, duration: float, concurrency: int) -> tuple[float, float]:
-    """Connections/s and MB/s of CONNECT+TLS+GET loops (2 client processes to use both cores)."""
-    code = f"""
-import asyncio, sys, time
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from bench_proxy import _tls_client
-async def main():
-    end = time.monotonic() + {duration}
-    done = [0, 0]
-    async def loop():
-        while time.monotonic() < end:
-            try:
-                done[1] += await _tls_client({proxy_port}, {origin_port}, "www.bench.example", {path!r}, False)
-                done[0] += 1
-            except Exception:
-                await asyncio.sleep(0.01)
-    await asyncio.gather(*(loop() for _ in range({concurrency})))
-    print(done[0], done[1])
-import uvloop; uvloop.run(main())
-"""
-    procs = [subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    conns = nbytes = 0
-    for p in procs:
-        out, _ = p.communicate(timeout=duration + 60)
-        c, b = out.split()
-        conns += int(c)
-        nbytes += int(b)
-    return conns / duration, nbytes / duration / 1e6
+def tls_load(proxy_port: int | None, origin_port: int, path: str, transfers: int, parallel: int,
+             work: Path) -> tuple[float, float]:
+    """Connections/s and MB/s of ``transfers`` HTTPS GETs, each on a new connection
+    (``Connection: close``, no session resumption: a full handshake and an SNI decision each),
+    ``parallel`` at a time, by curl (C: the client is not the bottleneck) through the
+    proxy's CONNECT (``proxy_port`` None: straight to the origin)."""
+    cfg = work / "curl.cfg"
+    url = f"https://www.bench.example:{origin_port}{path}"
+    cfg.write_text("".join(f'url = "{url}"\noutput = "/dev/null"\n' for _ in range(transfers)))
+    cmd = ["curl", "-s", "-k", "-Z", "--parallel-max", str(parallel), "--parallel-immediate", "--no-sessionid",
+           "-H", "Connection: close", "--connect-to", f"www.bench.example:{origin_port}:127.0.0.1:{origin_port}",
+           "-w", "%{size_download}\n", "-K", str(cfg)]
+    if proxy_port is not None:
+        cmd[1:1] = ["-x", f"http://127.0.0.1:{proxy_port}"]
+    t = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+    elapsed = time.monotonic() - t
+    sizes = [int(x) for x in out.split() if x.isdigit()]
+    ok = sum(1 for x in sizes if x > 0)
+    if ok < transfers:
+        log(f"  warning: {transfers - ok} of {transfers} TLS transfers failed")
+    return ok / elapsed, sum(sizes) / elapsed / 1e6
 
 
 def idle_memory(proc: Proc, origin_port: int, n: int = 1000) -> tuple[float, float]:
@@ -483,9 +450,10 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     ap.add_argument("--keywords", type=int, default=10_000, help="keywords / phrases (default 10000)")
-    ap.add_argument("--tls-duration", type=float, default=5.0, help="seconds per TLS run (default 5)")
+    ap.add_argument("--tls-conns", type=int, default=2000, help="TLS connections per run (default 2000)")
     ap.add_argument("--skip", default="", help="comma-separated: e2guardian,squid,tls,memory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--workers", type=int, default=2, help="linewarden http.workers (default 2: both cores)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
@@ -509,7 +477,7 @@ def main() -> int:
             page = (work / "www" / f"{name}.html").read_bytes()
             v = engine.http_response(200, [(b"Content-Type", b"text/html; charset=utf-8")], page)
             assert v.action == "allow", (name, v.rule_ids)
-        lw = start_linewarden(work, keywords)
+        lw = start_linewarden(work, keywords, args.workers)
         procs.append(lw)
         peers: dict[str, Proc] = {}
         if "e2guardian" not in skip and (e2g := start_e2guardian(work, keywords)):
@@ -519,6 +487,7 @@ def main() -> int:
             peers["squid"] = sq
             procs.append(sq)
 
+        time.sleep(3)  # let every proxy finish starting (list loading, workers) before measuring
         targets: list[tuple[str, int, bool]] = [("direct", origin.port, False), ("linewarden", lw.port, True)]
         targets += [(n, p.port, True) for n, p in peers.items()]
         results: dict[tuple[str, str], tuple[float, float]] = {}
@@ -526,17 +495,22 @@ def main() -> int:
         for page in PAGES:
             for name, port, via_proxy in targets:
                 url = f"http://{host}/{page}.html" if via_proxy else f"/{page}.html"
-                results[(name, page)] = wrk(port, url, host, args.duration, args.connections, args.threads, work)
+                # Fewer connections for big pages: a scanning peer at a few MB/s would
+                # otherwise time out every request and report nothing.
+                conns = max(args.threads, args.connections * PAGE_CONNS[page] // 32)
+                results[(name, page)] = wrk(port, url, host, args.duration, conns, args.threads, work)
                 log(f"{name:>11} {page:>4}: {results[(name, page)][0]:10.0f} req/s {results[(name, page)][1]:9.1f} MB/s")
 
-        tls: dict[str, tuple[float, float, float, float]] = {}
-        if "tls" not in skip:
-            tls_targets = [("linewarden", lw)] + ([("squid", peers["squid"])] if "squid" in peers else [])
-            for name, p in tls_targets:
-                assert p.tls_port is not None and origin.tls_port is not None
-                cps, _ = tls_load(p.tls_port, origin.tls_port, "/1k.html", args.tls_duration, 16)
-                _, mbs = tls_load(p.tls_port, origin.tls_port, "/bulk.bin", args.tls_duration, 4)
-                tls[name] = (cps, mbs, 0.0, 0.0)
+        tls: dict[str, tuple[float, float]] = {}
+        if "tls" not in skip and shutil.which("curl"):
+            assert origin.tls_port is not None
+            tls_targets: list[tuple[str, int | None]] = [("linewarden", lw.tls_port)]
+            if "squid" in peers:
+                tls_targets.append(("squid", peers["squid"].tls_port))
+            for name, port in tls_targets:
+                cps, _ = tls_load(port, origin.tls_port, "/1k.html", args.tls_conns, 16, work)
+                _, mbs = tls_load(port, origin.tls_port, "/bulk.bin", 8, 4, work)
+                tls[name] = (cps, mbs)
                 log(f"{name:>11} TLS: {cps:8.0f} conn/s {mbs:9.1f} MB/s")
 
         mem: dict[str, tuple[float, float]] = {}
@@ -557,8 +531,13 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else ("inf" if a > 0 else "n/a")
+
+
 def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  # type: ignore[no-untyped-def]
-    print(f"\nbench_proxy: {len(keywords)} keywords, wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+    print(f"\nbench_proxy: {len(keywords)} keywords, wrk -t{args.threads} -c{args.connections} (64k: /2, 1m: /8) "
+          f"-d{args.duration}s, linewarden http.workers={args.workers}, "
           f"{os.cpu_count()} CPUs, loopback")
     cols = ["direct", "linewarden"] + peers
     print(f"{'page':>5} | " + " | ".join(f"{c:>22}" for c in cols) + " | lw/e2g | lw/squid")
@@ -568,16 +547,16 @@ def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  #
             rps, mbs = results[(c, page)]
             cells.append(f"{rps:8.0f} r/s {mbs:7.1f} MB/s")
         lw = results[("linewarden", page)][0]
-        r_e = f"{lw / results[('e2guardian', page)][0]:6.2f}" if "e2guardian" in peers else "   n/a"
-        r_s = f"{lw / results[('squid', page)][0]:8.2f}" if "squid" in peers else "     n/a"
-        print(f"{page:>5} | " + " | ".join(f"{c:>22}" for c in cells) + f" | {r_e} | {r_s}")
+        r_e = _ratio(lw, results[("e2guardian", page)][0]) if "e2guardian" in peers else "n/a"
+        r_s = _ratio(lw, results[("squid", page)][0]) if "squid" in peers else "n/a"
+        print(f"{page:>5} | " + " | ".join(f"{c:>22}" for c in cells) + f" | {r_e:>6} | {r_s:>8}")
     if tls:
-        print("\nTLS passthrough (CONNECT, SNI decision, splice):")
-        for name, (cps, mbs, _, _) in tls.items():
-            print(f"  {name:>11}: {cps:8.0f} new conn/s (handshake + 1 KB GET), {mbs:8.1f} MB/s bulk")
+        print("\nTLS passthrough (explicit CONNECT, SNI decision, splice; curl clients):")
+        for name, (cps, mbs) in tls.items():
+            print(f"  {name:>11}: {cps:8.0f} new conn/s (full handshake + 1 KB GET), {mbs:8.1f} MB/s bulk")
         if "squid" in tls:
-            print(f"  ratio linewarden/squid: conn/s {tls['linewarden'][0] / tls['squid'][0]:.2f}, "
-                  f"bulk {tls['linewarden'][1] / tls['squid'][1]:.2f}")
+            print(f"  ratio linewarden/squid: conn/s {_ratio(tls['linewarden'][0], tls['squid'][0])}, "
+                  f"bulk {_ratio(tls['linewarden'][1], tls['squid'][1])}")
     if mem:
         print("\nResident memory (all processes of the proxy):")
         for name, (before, during) in mem.items():

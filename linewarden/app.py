@@ -68,10 +68,14 @@ def http_service(app: App) -> Service | None:
     """The HTTP(S) proxy (issue 4): fast path, plus mitmproxy when ``http.intercept`` is set."""
     if not app.config.http.enabled:
         return None
-    from proxy.http_service import HttpProxyService, HttpServiceConfig
+    from proxy.http_service import HttpProxyService, HttpServiceConfig, HttpWorkers, HttpWorkerSpec
 
-    return HttpProxyService(app.engine_ref, app.writer.submit,
-                            HttpServiceConfig.from_config(app.config.http), identity=app.identity)
+    cfg = HttpServiceConfig.from_config(app.config.http)
+    if app.config.http.workers == 0:
+        return HttpProxyService(app.engine_ref, app.writer.submit, cfg, identity=app.identity)
+    spec = HttpWorkerSpec(cfg, str(app.rules_dir), app.config.rules.backend, app.config.identity,
+                          app.store_config.overflow == "fail-open", app.config.http.workers)
+    return HttpWorkers(spec, app.writer)
 
 
 SERVICE_FACTORIES: list[Callable[[App], Service | None]] = [dns_service, http_service]

@@ -180,6 +180,9 @@ class HttpConfig:
     connect_timeout_s: float = _doc(10.0, "Seconds to connect to a server.", minimum=0.1)
     fail: str = _doc("open", "On an internal error during a decision: \"open\" (pass, record "
                      "the error) or \"closed\" (block).", choices=("open", "closed"))
+    workers: int = _doc(1, "Proxy processes sharing the listen port (SO_REUSEPORT), each sending "
+                        "its records to the main process's writer; 0 = in the main process. "
+                        "One process uses one core.", minimum=0, maximum=16)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import json
 import logging
 import multiprocessing
@@ -139,6 +140,17 @@ class _SinkProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.drained = asyncio.Event()
         self.drained.set()
+        self.lost = asyncio.Event()
+        """The main process went away (EOF on the channel): a worker must not outlive
+        it, holding the port and answering queries nobody records."""
+
+    def eof_received(self) -> bool | None:
+        self.lost.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        self.drained.set()
 
     def pause_writing(self) -> None:
         self.drained.clear()
@@ -155,6 +167,10 @@ class ChannelReader(asyncio.Protocol):
         self.worker = worker
         self.buf = bytearray()
         self.closed = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -312,12 +328,22 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
         sink.send(b"E", f"{type(e).__name__}: {e}")
         transport.close()
         return
+    # The compiled rule set (100k+ objects) lives as long as the process: take it out
+    # of the cyclic GC's sight so full collections do not walk it (latency spikes).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: rule reload is issue 7"))
     sink.send(b"H", {"pid": os.getpid(), "udp": list(shim.udp_address or ()),
                      "tcp": list(shim.tcp_address or ())})
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    orphaned = asyncio.ensure_future(proto.lost.wait())
+    await asyncio.wait([stopping, orphaned], return_when=asyncio.FIRST_COMPLETED)
+    if proto.lost.is_set():
+        log.error("main process gone: dns worker %d stops", index)
+    stopping.cancel()
+    orphaned.cancel()
     await shim.stop()
     sink.flush()
     sink.send(b"S", dict(shim.stats) | {"dropped": sink.dropped, "refused": sink.refused,

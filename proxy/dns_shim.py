@@ -51,10 +51,14 @@ from linewarden.config import DnsConfig, parse_hostport
 from proxy import dns_fastpath as fp
 from proxy.dns_cache import CacheEntry, DnsCache
 from proxy.identity import Identity
-from rules.verdict import Verdict
+from rules.verdict import Verdict, combine_action
 from storage.records import Alarm, Dns
 
 log = logging.getLogger("linewarden.dns")
+
+_rng = random.SystemRandom()
+"""Query ids and source sockets come from the OS's CSPRNG: an off-path spoofer must
+not predict them (RFC 5452 9.2; Mersenne Twister output can be reconstructed)."""
 
 VERDICT_MEMO_MAX = 200_000
 """Names whose verdict is memoised per engine; the memo is cleared when full
@@ -68,6 +72,8 @@ SWEEP_INTERVAL = 0.05
 """Seconds between scans for upstream timeouts: the resolution of ``timeout_ms``."""
 TCP_MAX_QUEUED = 64
 """Unanswered queries one TCP client may pipeline before we stop reading from it."""
+PORT_ZERO_ATTEMPTS = 20
+"""Tries to find one ephemeral port free for both UDP and TCP (``listen = "...:0"``)."""
 UDP_BATCH = 64
 """Datagrams read per loop wake-up before other work (upstream answers, TCP) gets a turn."""
 MAX_UDP_QUERY = 4096
@@ -396,27 +402,41 @@ class DnsShim:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        """Bind UDP and TCP on ``dns.listen``, open the upstream sockets, start the timers."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # nothing half-open stays behind (a bound port, a socket)
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self._listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if port == 0:
-            # One ephemeral port for both transports: bind TCP first, reuse its port for UDP.
-            self._tcp_server = await loop.create_server(
-                lambda: _TcpClient(self), host, 0, family=family, reuse_port=self.reuse_port)
-            port = self._tcp_server.sockets[0].getsockname()[1]
-        else:
+        for attempt in range(PORT_ZERO_ATTEMPTS if port == 0 else 1):
+            # Port 0: one ephemeral port for both transports. TCP picks it, UDP joins
+            # it; when another program holds that UDP port, pick again.
             self._tcp_server = await loop.create_server(
                 lambda: _TcpClient(self), host, port, family=family, reuse_port=self.reuse_port)
-        udp_sock = socket.socket(family, socket.SOCK_DGRAM)
-        if self.reuse_port:
-            udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        # Bursts of queries arrive faster than one loop turn: a larger receive buffer
-        # avoids drops (dnsmasq and unbound raise theirs too, so-rcvbuf).
-        try:
-            udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        except OSError:
-            pass
-        udp_sock.bind((host, port))
+            bound = self._tcp_server.sockets[0].getsockname()[1]
+            udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+            if self.reuse_port:
+                udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Bursts of queries arrive faster than one loop turn: a larger receive buffer
+            # avoids drops (dnsmasq and unbound raise theirs too, so-rcvbuf).
+            try:
+                udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            except OSError:
+                pass
+            try:
+                udp_sock.bind((host, bound))
+                break
+            except OSError:
+                udp_sock.close()
+                self._tcp_server.close()
+                self._tcp_server = None
+                if port != 0 or attempt == PORT_ZERO_ATTEMPTS - 1:
+                    raise
         self.udp_sock = udp_sock
         udp_sock.setblocking(False)
         loop.add_reader(udp_sock.fileno(), self._udp_readable)
@@ -642,6 +662,7 @@ class DnsShim:
     def _malformed(self, data: bytes, client: Any, transport: str,
                    send: Callable[[bytes], None], t_ns: int, reason: str) -> None:
         self.stats["malformed"] += 1
+        log.debug("dns shim: malformed packet from %s: %s", client, reason)
         try:
             resp = fp.header_only(data, fp.FORMERR)
             if resp is None:
@@ -654,7 +675,7 @@ class DnsShim:
                 client_mac=ident.mac if ident else None, transport=transport,
                 dns_id=int.from_bytes(data[:2], "big") if len(data) >= 2 else None,
                 rcode=fp.FORMERR if resp else None,
-                rcode_name=("FORMERR" if resp else None), answers=[f"malformed: {reason}"[:200]],
+                rcode_name=("FORMERR" if resp else None),
                 latency_us=max(0, (time.time_ns() - t_ns) // 1000),
             ))
             if resp is not None:
@@ -740,10 +761,10 @@ class DnsShim:
         if not up.sockets:
             self._next(p, now)
             return
-        sock = random.choice(up.sockets)
-        qid = random.getrandbits(16)
+        sock = _rng.choice(up.sockets)
+        qid = _rng.getrandbits(16)
         while qid in sock.pending:
-            qid = random.getrandbits(16)
+            qid = _rng.getrandbits(16)
         p.id = qid
         p.sock = sock
         p.wire[0] = qid >> 8
@@ -887,7 +908,7 @@ class DnsShim:
     async def probe(self, up: Upstream) -> bool:
         """Ask ``up`` for ./NS over a fresh socket; any well-formed answer marks it up."""
         loop = asyncio.get_running_loop()
-        qid = random.getrandbits(16)
+        qid = _rng.getrandbits(16)
         wire = bytes(DNSRecord(DNSHeader(id=qid, rd=1), q=DNSQuestion(PROBE_NAME, QTYPE.NS)).pack())
         fut: asyncio.Future[bytes] = loop.create_future()
 
@@ -918,8 +939,6 @@ class DnsShim:
 
 def _merge(a: Verdict, b: Verdict) -> Verdict:
     """The qname verdict and the CNAME-chain verdict as one (most severe action wins)."""
-    from rules.verdict import combine_action
-
     matches = a.matches + tuple(m for m in b.matches if m.rule_id not in set(a.rule_ids))
     return Verdict(action=combine_action(matches), matches=matches,
                    ruleset_version=a.ruleset_version or b.ruleset_version)

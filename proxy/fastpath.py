@@ -88,6 +88,9 @@ class FastPathConfig:
     fail: Literal["open", "closed"] = "open"
     """When an internal error hits a decision: ``open`` lets the flow pass and
     records the error, ``closed`` blocks it."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT so that several worker processes share the port
+    (the kernel spreads connections over them by 4-tuple hash)."""
 
 
 def domain_in(host: str | None, patterns: tuple[str, ...]) -> bool:
@@ -173,6 +176,8 @@ class FastPath:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.config.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
@@ -329,9 +334,22 @@ class FastPath:
             self.stats.tls_intercepted += 1
             state.intercepted = True
             upstream = await self._mitm_tunnel(state, host, port)
-        else:
-            self.stats.tls_passthrough += 1
-            upstream = await self.connect(state, host, port)
+            if upstream is None:
+                record()
+                return
+            splice(client, upstream)
+            try:
+                await spliced(client, upstream)
+            finally:
+                # mitmproxy's upstream socket (reported by the addon) is the NAT
+                # address; it may reconnect during the handshake, so take the last.
+                if conn.uid in self.nat_table:
+                    conn.nat_ip, conn.nat_port = self.nat_table[conn.uid]
+                record()
+            state.close_reason = state.close_reason or ("rst" if client.lost and not client.eof else "fin")
+            return
+        self.stats.tls_passthrough += 1
+        upstream = await self.connect(state, host, port)
         record()  # after connecting: the record carries the server and NAT addresses
         if upstream is None:
             return

@@ -63,13 +63,21 @@ class ConnInfo:
     client_mac: str | None = None
     dns_name: str | None = None
 
+    _cid: tuple[object, object, str | None] | None = None
+    """Cache of (server_ip, server_port, community id): one hash per server, not per record."""
+
     def common(self) -> dict[str, object]:
-        cid = None
-        if self.server_ip and self.server_port:
-            try:
-                cid = community_id(6, self.client_ip, self.server_ip, self.client_port, self.server_port)
-            except ValueError:
-                cid = None  # mixed address families (v4 client, v6 server): no flow hash
+        cached = self._cid
+        if cached is not None and cached[0] == self.server_ip and cached[1] == self.server_port:
+            cid = cached[2]
+        else:
+            cid = None
+            if self.server_ip and self.server_port:
+                try:
+                    cid = community_id(6, self.client_ip, self.server_ip, self.client_port, self.server_port)
+                except ValueError:
+                    cid = None  # mixed address families (v4 client, v6 server): no flow hash
+            self._cid = (self.server_ip, self.server_port, cid)
         return {
             "uid": self.uid,
             "account": self.account,
@@ -86,6 +94,11 @@ class ConnInfo:
 
 def merge(verdicts: Sequence[Verdict | None]) -> Verdict:
     """One verdict for a transaction from its parts (request head/body, response)."""
+    present = [v for v in verdicts if v is not None]
+    if len(present) == 1:
+        return present[0]
+    if all(not v.matches and not v.errors and not v.truncated for v in present):
+        return present[0]  # the common case: nothing to merge
     matches: list[Match] = []
     seen: set[str] = set()
     version = 0

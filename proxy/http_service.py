@@ -163,3 +163,147 @@ class HttpProxyService:
             self._master_task.cancel()
         self.master = None
         self._master_task = None
+
+
+# -- worker processes -----------------------------------------------------------------------------
+#
+# One Python process proxies on one core. ``http.workers = N`` runs N processes
+# sharing the listen port (SO_REUSEPORT); each runs its own fast path (and its
+# own mitmproxy when interception is on) and sends its records over a socketpair
+# to the main process, where the one store writer runs (linewarden/workers.py's
+# channel, the same the DNS workers use). The writer's CPU then never competes
+# with a proxy for the GIL.
+
+
+@dataclass(frozen=True)
+class HttpWorkerSpec:
+    """Everything a worker needs (picklable: sent to a spawned interpreter)."""
+
+    config: HttpServiceConfig
+    rules_dir: str
+    backend: str
+    bindings: tuple[object, ...]
+    fail_open: bool
+    count: int
+
+
+class HttpWorkers:
+    """The HTTP(S) proxy as ``http.workers`` processes (``start``/``stop``, like every service)."""
+
+    name = "http"
+
+    def __init__(self, spec: HttpWorkerSpec, writer: object) -> None:
+        self.spec = spec
+        self.writer = writer
+        self.workers: list[object] = []
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.workers:
+            return None
+        addr = self.workers[0].tcp_address  # type: ignore[attr-defined]
+        return (addr[0], addr[1]) if addr else None
+
+    async def start(self) -> None:
+        import dataclasses
+        import multiprocessing
+        import socket
+
+        from linewarden.workers import START_TIMEOUT_S, ChannelReader, WorkerHandle
+
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        spec = self.spec
+        try:
+            for i in range(spec.count):
+                if i == 1 and spec.config.fastpath.listen[1] == 0:
+                    # Port 0: the later workers join the port the first one got.
+                    fp = dataclasses.replace(spec.config.fastpath, listen=self.address)  # type: ignore[arg-type]
+                    spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, fastpath=fp))
+                parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                h = WorkerHandle(i)
+                proc = ctx.Process(target=http_worker_main, args=(spec, i, child),
+                                   name=f"linewarden-http-{i}", daemon=False)
+                proc.start()
+                child.close()
+                h.process = proc
+                _, h.reader = await loop.connect_accepted_socket(
+                    lambda h=h: ChannelReader(self.writer, h), parent)
+                self.workers.append(h)
+                await asyncio.wait_for(h.ready, START_TIMEOUT_S)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("http: %d worker process(es) on %s", len(self.workers), self.address)
+
+    async def stop(self) -> None:
+        import os
+        import signal
+
+        from linewarden.workers import STOP_TIMEOUT_S
+
+        for h in self.workers:
+            p = h.process  # type: ignore[attr-defined]
+            if p is not None and p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)  # our own child, by its pid
+        for h in self.workers:
+            p = h.process  # type: ignore[attr-defined]
+            if h.reader is not None:  # type: ignore[attr-defined]
+                try:
+                    await asyncio.wait_for(asyncio.shield(h.reader.closed), STOP_TIMEOUT_S)  # type: ignore[attr-defined]
+                except TimeoutError:
+                    log.error("http worker %d did not stop in time; killing it", h.index)  # type: ignore[attr-defined]
+                    if p.is_alive() and p.pid:
+                        os.kill(p.pid, signal.SIGKILL)
+            if p is not None:
+                await asyncio.get_running_loop().run_in_executor(None, p.join, 5)
+        self.workers.clear()
+
+
+def http_worker_main(spec: HttpWorkerSpec, index: int, chan: object) -> None:
+    """Entry point of a worker process."""
+    import signal
+
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s http-{index} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    uvloop.run(_http_worker(spec, index, chan))
+
+
+async def _http_worker(spec: HttpWorkerSpec, index: int, chan: object) -> None:
+    import dataclasses
+    import os
+    import signal
+
+    from linewarden.workers import ChannelSink, _SinkProtocol
+    from proxy.identity import Identity
+    from rules.engine import Engine
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.connect_accepted_socket(_SinkProtocol, chan)  # type: ignore[arg-type]
+    sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
+    try:
+        engine = Engine.from_dir(spec.rules_dir, backend=spec.backend)
+        cfg = spec.config
+        if spec.count > 1:
+            cfg = dataclasses.replace(cfg, fastpath=dataclasses.replace(cfg.fastpath, reuse_port=True))
+        svc = HttpProxyService(engine, sink.submit, cfg, identity=Identity(spec.bindings))  # type: ignore[arg-type]
+        await svc.start()
+    except Exception as e:
+        sink.send(b"E", f"{type(e).__name__}: {e}")
+        transport.close()
+        return
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: rule reload is issue 7"))
+    sink.send(b"H", {"pid": os.getpid(), "udp": [], "tcp": list(svc.address or ())})
+    await stop.wait()
+    await svc.stop()
+    sink.flush()
+    fp = svc.fastpath
+    sink.send(b"S", {"connections": fp.stats.connections if fp else 0, "dropped": sink.dropped,
+                     "refused": sink.refused, "sent": sink.sent})
+    await proto.drained.wait()
+    transport.close()
+    await asyncio.sleep(0)

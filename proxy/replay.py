@@ -310,7 +310,7 @@ class _Txn:
 
     __slots__ = ("index", "ts", "method", "url", "host", "headers", "req_scan", "req_verdict", "req_bytes",
                  "req_buf", "status", "content_type", "resp_scan", "resp_verdict", "resp_bytes", "resp_buf",
-                 "errors")
+                 "errors", "buffered")
 
     def __init__(self, index: int, ts: int, head: Head | None, scan: BodyScan | None, host: str | None) -> None:
         self.index, self.ts = index, ts
@@ -329,6 +329,10 @@ class _Txn:
         self.resp_bytes = 0
         self.resp_buf: list[bytes] = []
         self.errors: list[str] = []
+        self.buffered = 0
+        """Body bytes in ``req_buf`` or ``resp_buf`` not yet given to the scan
+        (only one of them fills at a time: a request body ends before its response's
+        starts, except for early responses, where the batch is just smaller)."""
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -365,7 +369,8 @@ class _TcpConn(_Flow):
         self.dns_pending: dict[int, tuple[int, str, int, int]] = {}
         self.fin_or_rst = False
         self.reason = "end of capture"
-        self.resync = [b"", b""]
+        self.resync: list[bytes | None] = [None, None]
+        """Per direction: None, or the tail kept while skipping to the next start line."""
         if self.mode == "dns":
             self.service = "dns"
 
@@ -558,14 +563,8 @@ class _TcpConn(_Flow):
         note = f"tcp: {gap.length} bytes missing from the {'client' if is_request else 'server'} stream"
         txn = self._current_txn(is_request)
         if txn is None and is_request:
-            # Between requests (or inside a head): the missing bytes held a request
-            # head. Its transaction is counted (indexes stay right) and decided on
-            # its response alone.
-            txn = _Txn(self.next_txn, self.last_ts, None, None, None)
-            self.next_txn += 1
-            self.txns.append(txn)
-            assert self.resp_stream is not None
-            self.resp_stream.expect_method("GET")
+            # Between requests (or inside a head): the missing bytes held a request head.
+            txn = self._lost_request()
         if txn is None and not is_request:
             # Between responses (or inside a head): the missing bytes held the head
             # of the next response, so that transaction's response is lost, and the
@@ -580,10 +579,20 @@ class _TcpConn(_Flow):
                 txn.resp_verdict = Verdict("allow", ruleset_version=self.replay.engine.version)
         self._restart(is_request)
 
+    def _lost_request(self) -> _Txn:
+        """A request whose head could not be read (missing bytes, bad syntax) still
+        counts: indexes stay right, and its response pairs with it, not the next one."""
+        txn = _Txn(self.next_txn, self.last_ts, None, None, None)
+        self.next_txn += 1
+        self.txns.append(txn)
+        assert self.resp_stream is not None
+        self.resp_stream.expect_method("GET")
+        return txn
+
     def _restart(self, is_request: bool) -> None:
         """A fresh parser for one direction that first skips to the next start line
         (after missing bytes or a framing error: the flow continues where it can)."""
-        self.resync[0 if is_request else 1] = b"\x00"
+        self.resync[0 if is_request else 1] = b""
         if is_request:
             self.req_stream = Http1Stream(True)
         else:
@@ -594,16 +603,17 @@ class _TcpConn(_Flow):
                     self.resp_stream.expect_method(t.method or "GET")
 
     def _resync_data(self, is_request: bool, data: bytes) -> bytes:
+        """``data`` as is, or while skipping to a start line: from the start line on."""
         i = 0 if is_request else 1
-        buf = self.resync[i]
-        if not buf:
+        tail = self.resync[i]
+        if tail is None:
             return data
-        buf = (buf[1:] if buf == b"\x00" else buf) + data
+        buf = tail + data
         m = _HTTP_RESYNC[is_request].search(buf)
         if m is None:
-            self.resync[i] = b"\x00" + buf[-64:]  # keep a tail: a start line may straddle pieces
+            self.resync[i] = buf[-64:]  # keep a tail: a start line may straddle pieces
             return b""
-        self.resync[i] = b""
+        self.resync[i] = None
         return buf[m.start(1) :]
 
     def _current_txn(self, is_request: bool) -> _Txn | None:
@@ -653,6 +663,8 @@ class _TcpConn(_Flow):
                 self.replay.stats.http_errors += 1
                 note = f"http: {ev.reason} at byte {ev.offset} of the {'client' if is_request else 'server'} stream"
                 txn = self._current_txn(is_request)
+                if txn is None and is_request:
+                    txn = self._lost_request()  # a bad head: it still takes its place in the order
                 if txn is None and not is_request:
                     txn = next((t for t in self.txns if t.status is None), None)
                 if txn is not None:
@@ -674,11 +686,13 @@ class _TcpConn(_Flow):
             txn.resp_bytes += len(data)
             buf = txn.resp_buf
         buf.append(data)
-        if len(buf) > 8 and sum(map(len, buf)) >= self.replay.limits.body_batch_bytes:
+        txn.buffered += len(data)
+        if txn.buffered >= self.replay.limits.body_batch_bytes:
             scan = txn.req_scan if is_request else txn.resp_scan
             if scan is not None:
                 scan.feed(b"".join(buf))
             buf.clear()
+            txn.buffered = 0
 
     def _end_body(self, txn: _Txn, is_request: bool) -> None:
         if is_request:
@@ -686,11 +700,13 @@ class _TcpConn(_Flow):
                 if txn.req_buf:
                     txn.req_scan.feed(b"".join(txn.req_buf))
                     txn.req_buf.clear()
+                    txn.buffered = 0
                 txn.req_verdict = txn.req_scan.finish()
         elif txn.resp_scan is not None and txn.resp_verdict is None:
             if txn.resp_buf:
                 txn.resp_scan.feed(b"".join(txn.resp_buf))
                 txn.resp_buf.clear()
+                txn.buffered = 0
             txn.resp_verdict = txn.resp_scan.finish()
 
     def _emit_done(self, out: list[Output]) -> None:

@@ -17,9 +17,8 @@ Order (first that applies wins):
 gb2312, gbk and friends decode as GB18030 (WHATWG maps them to GBK, whose decoder *is*
 the GB18030 decoder); big5 decodes as Big5-HKSCS (WHATWG's Big5 is the HKSCS superset).
 An unknown label is ignored (sniff). A declared charset that fails to decode the sniff
-buffer is replaced by the sniffed one. If decoding fails later, while everything so far
-was ASCII, the rest is re-sniffed; otherwise invalid bytes become U+FFFD and an error is
-recorded.
+window is replaced by the sniffed one. Invalid bytes after the choice become U+FFFD and
+an error is recorded.
 """
 
 from __future__ import annotations
@@ -28,10 +27,10 @@ import codecs
 import re
 
 SNIFF_BYTES = 16 * 1024
-"""Bytes held back, before any text is produced, to check a declared charset or sniff an
-undeclared one. Enough for the first non-ASCII text of a page; GBK text stops being
-valid UTF-8 within a few characters. (A body whose first non-ASCII byte comes later is
-covered by re-sniffing on the first decode error.)"""
+"""Bytes held back, from the first non-ASCII byte on, to check a declared charset or
+sniff an undeclared one (ASCII before it is produced at once: it reads the same in every
+candidate). GBK text stops being valid UTF-8 within a few characters; 16 KiB makes a
+wrong guess on real text practically impossible while bounding what one body holds."""
 
 META_PRESCAN_BYTES = 1024
 """WHATWG HTML 13.2.3.2: the prescan looks at the first 1024 bytes."""
@@ -127,98 +126,121 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
     return data.decode(codec, "replace")
 
 
+_NOT_ASCII = re.compile(rb"[\x80-\xff\x1b]")  # ESC too: ISO-2022 shifts hide in ASCII
+_ASCII_UNSAFE = frozenset({"utf-16-le", "utf-16-be", "iso2022_jp"})
+"""Codecs in which ASCII bytes are not ASCII text: chosen before any text is produced."""
+
+_STATEFUL = frozenset({"iso2022_jp"})
+"""Codecs whose meaning depends on earlier shift sequences: decoded with U+FFFD for
+invalid bytes from the start, since an error cannot be recovered by re-decoding a slice
+(their errors are therefore not listed)."""
+
+
 class TextDecoder:
     """Bytes in, text out, choosing the charset by the order in the module docstring.
 
-    Output is identical however the input is split. Holds at most ``sniff_bytes`` of
-    input while choosing, plus the few bytes of an incomplete character.
+    ASCII text reads the same in every candidate charset, so it is produced at once;
+    the choice is made on the ``sniff_bytes`` that start at the first non-ASCII byte (or
+    on what there is at the end), which makes it independent of how the input is split.
+    Holds at most ``sniff_bytes`` of input, plus a few bytes of an incomplete character.
     """
 
     def __init__(self, declared: str | None, *, html: bool = False,
                  sniff_bytes: int = SNIFF_BYTES) -> None:
         self.declared = declared
         self.html = html
-        self.sniff_bytes = max(sniff_bytes, META_PRESCAN_BYTES if html else 4)
+        self.sniff_bytes = max(sniff_bytes, 4)
         self.encoding: str | None = None
         """The Python codec in use once chosen."""
         self.errors: list[str] = []
         self._held = bytearray()
+        self._prefix = b""  # the first META_PRESCAN_BYTES of the body, for <meta>
+        self._started = False  # the BOM check is done
         self._decoder: codecs.IncrementalDecoder | None = None
-        self._ascii_only = True
-        self._resniffing = False  # the first choice failed on ASCII-only text: sniffing again
-        self._consumed = 0  # input bytes handed to the current decoder before this call
 
     def feed(self, data: bytes) -> str:
-        if self._decoder is None:
-            self._held += data
-            if len(self._held) < self.sniff_bytes:
-                return ""
-            data = self._choose()
-        return self._decode(data, final=False)
+        if self._decoder is not None:
+            return self._decode(data, final=False)
+        if len(self._prefix) < META_PRESCAN_BYTES:
+            self._prefix += data[:META_PRESCAN_BYTES - len(self._prefix)]
+        self._held += data
+        return self._undecided(final=False)
 
     def finish(self) -> str:
-        data = b""
-        if self._decoder is None:
-            data = self._choose()
-        return self._decode(data, final=True)
+        text = "" if self._decoder is not None else self._undecided(final=True)
+        return text + self._decode(b"", final=True)
 
-    def _choose(self) -> bytes:
-        """Pick the codec from the held bytes; returns them (without a BOM) for decoding.
+    def _undecided(self, final: bool) -> str:
+        """Before the choice: BOM check, ASCII passed through, then choose on a window."""
+        if not self._started:
+            if len(self._held) < 3 and not final:
+                return ""
+            self._started = True
+            if self._choose_early():
+                return self._decode(self._take(len(self._held)), final)
+        found = _NOT_ASCII.search(self._held)
+        cut = len(self._held) if found is None else found.start()
+        text = self._take(cut).decode("ascii")
+        if self._held and (final or self._window_ready()):
+            self._choose(bytes(self._held[:self.sniff_bytes]))
+            text += self._decode(self._take(len(self._held)), final)
+        return text
 
-        An incomplete character at the end of the held bytes does not disqualify a
-        charset (the body may just be cut there)."""
-        held = bytes(self._held)
-        self._held.clear()
-        if self._resniffing:
-            self._start(sniff(held, False))
-            return held
-        marked = bom(held)
+    def _window_ready(self) -> bool:
+        """The sniff window is full, and for undeclared HTML the 1024 bytes that a <meta>
+        may sit in have arrived (WHATWG waits for them too)."""
+        if len(self._held) < self.sniff_bytes:
+            return False
+        needs_meta = self.html and lookup(self.declared) is None
+        return not needs_meta or len(self._prefix) >= META_PRESCAN_BYTES
+
+    def _take(self, count: int) -> bytes:
+        piece = bytes(self._held[:count])
+        del self._held[:count]
+        return piece
+
+    def _choose_early(self) -> bool:
+        """A BOM, or a declared charset in which ASCII bytes are not ASCII text."""
+        marked = bom(bytes(self._held[:3]))
         if marked is not None:
+            del self._held[:marked[1]]
             self._start(marked[0])
-            return held[marked[1]:]
-        codec = self._declared_codec(held)
-        if codec is not None and not decodes(codec, held, False):
-            self.errors.append(f"declared charset {codec} does not decode the body: sniffed")
-            codec = None
-        self._start(codec or sniff(held, False))
-        return held
+            return True
+        codec = lookup(self.declared)
+        if codec in _ASCII_UNSAFE:
+            self._start(codec)
+            return True
+        return False
 
-    def _declared_codec(self, held: bytes) -> str | None:
+    def _choose(self, window: bytes) -> None:
+        """Declared (Content-Type), then <meta> for HTML, then sniffed; a declared charset
+        that fails on the window is replaced by the sniffed one. An incomplete character
+        at the window's end does not count against a charset (the body may be cut)."""
         codec = lookup(self.declared)
         if codec is None and self.declared:
             self.errors.append(f"unknown charset label {self.declared[:40]!r}: sniffed")
         if codec is None and self.html:
-            codec = prescan_meta(held)
-        return codec
+            codec = prescan_meta(self._prefix)
+        if codec is not None and not decodes(codec, window, False):
+            self.errors.append(f"declared charset {codec} does not decode the body: sniffed")
+            codec = None
+        self._start(codec or sniff(window, False))
 
     def _start(self, codec: str, errors: str = "strict") -> None:
+        if codec in _STATEFUL:
+            errors = "replace"  # see _STATEFUL: recovery below cannot replay a shift state
         self.encoding = codec
         self._decoder = codecs.getincrementaldecoder(codec)(errors)
 
     def _decode(self, data: bytes, final: bool) -> str:
-        assert self._decoder is not None
+        if self._decoder is None:
+            return ""
         try:
-            text = self._decoder.decode(data, final)
+            return self._decoder.decode(data, final)
         except UnicodeDecodeError as exc:
-            return self._recover(exc, final)
-        if self._ascii_only and not text.isascii():
-            self._ascii_only = False
-        return text
-
-    def _recover(self, exc: UnicodeDecodeError, final: bool) -> str:
-        """A decode error after the choice. If all text so far was ASCII the choice was a
-        guess: sniff again from the error on (once). Otherwise invalid bytes -> U+FFFD."""
-        pending = bytes(exc.object)
-        good = pending[:exc.start].decode(self.encoding or "utf-8")
-        rest = pending[exc.start:]
-        if self._ascii_only and good.isascii() and not self._resniffing:
-            self._resniffing = True
-            self._decoder = None
-            self._held += rest
-            if len(self._held) < self.sniff_bytes and not final:
-                return good
-            return good + self._decode(self._choose(), final)
-        self.errors.append(f"invalid {self.encoding} text: replaced with U+FFFD")
-        self._start(self.encoding or "utf-8", "replace")
-        self._ascii_only = False
-        return good + self._decode(rest, final)
+            # Invalid bytes after the choice: U+FFFD, as a browser shows them.
+            pending = bytes(exc.object)
+            good = pending[:exc.start].decode(self.encoding or "utf-8")
+            self.errors.append(f"invalid {self.encoding} text: replaced with U+FFFD")
+            self._start(self.encoding or "utf-8", "replace")
+            return good + self._decode(pending[exc.start:], final)

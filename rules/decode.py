@@ -33,8 +33,16 @@ from dataclasses import dataclass
 from rules.charset import SNIFF_BYTES
 from rules.codings import DEFAULT_MAX_OUTPUT, ContentDecoder, parse_codings
 from rules.containers import (
-    Break, Event, FormUrlencoded, Html, JsonStrings, Multipart, PlainText, Text,
-    is_textual, parse_content_type,
+    Break,
+    Event,
+    FormUrlencoded,
+    Html,
+    JsonStrings,
+    Multipart,
+    PlainText,
+    Text,
+    is_textual,
+    parse_content_type,
 )
 from rules.target import host_of, idna_text, target_runs
 
@@ -176,6 +184,3 @@ class BodyDecoder:
             events.extend(self._container.finish())
         return events
 
-
-# Re-exported for ``from rules.decode import Text, Break``.
-_ = (Text, Break)

@@ -25,7 +25,7 @@ from pathlib import Path
 from rules.decode import BodyDecoder, Break, DecodeLimits, Text
 from rules.domains import DomainMatcher
 from rules.matcher import KeywordMatcher
-from rules.normalize import normalize
+from rules.normalize import Normalizer
 from rules.ruleset import RuleSet, load_ruleset
 from rules.target import host_of, idna_text, target_runs
 from rules.urls import UrlMatcher
@@ -101,6 +101,7 @@ class Engine:
         """One run of plain text."""
         scan = _RunScanner(self)
         scan.text(where, text)
+        scan.close()
         return self._verdict(scan.matches)
 
     # -- HTTP --------------------------------------------------------------
@@ -111,6 +112,7 @@ class Engine:
         head.extend(self._host_matches(host, "host"))
         head.extend(self._url_matches(host, target))
         head.events(target_runs(target))
+        head.close()
         decoder = BodyDecoder(list(headers), is_request=True, limits=self.limits)
         return BodyScan(self, head, decoder)
 
@@ -158,6 +160,7 @@ class Engine:
         if unicode_form:
             scan = _RunScanner(self)
             scan.text(where, unicode_form)
+            scan.close()
             found.extend(scan.matches)
         return found
 
@@ -195,6 +198,7 @@ class BodyScan:
     def finish(self) -> Verdict:
         if not self._done:
             self._runs.events(self._decoder.finish())
+            self._runs.close()
             self._done = True
         return self._current()
 
@@ -206,15 +210,24 @@ class BodyScan:
         )
 
 
+RUN_BREAK = "\x00"
+"""Fed to the keyword stream where a text run ends. Keywords cannot contain it
+(rules/ruleset.py refuses NUL) and normalisation keeps it, so no match spans
+it; one stream per message then serves every run, which costs far less than a
+stream reset per paragraph (pages have a block tag every few hundred bytes).
+Decoders may also put it inside ``Text`` to end runs without an event each."""
+
+
 class _RunScanner:
-    """Streams text runs through the keyword matcher, resetting at run breaks."""
+    """Streams the text runs of one message through one keyword stream."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._stream = engine.keywords.stream()
         self._where: str | None = None
+        self._normalizer = Normalizer()
         self._tail = ""
-        """Normalised text of the current run, last ``SNIPPET_TAIL`` characters."""
+        """Normalised text most recently fed, last ``SNIPPET_TAIL`` characters."""
         self._tail_start = 0
         """Stream offset of ``_tail[0]``."""
         self.matches: list[Match] = []
@@ -233,8 +246,18 @@ class _RunScanner:
         if where != self._where:
             self._break()
             self._where = where
-        norm = normalize(text)
-        if not norm:
+        self._match(self._normalizer.feed(text))
+
+    def close(self) -> None:
+        self._break()
+
+    def _break(self) -> None:
+        # The normaliser holds back a tail that could combine with what follows;
+        # the run ends here, so the tail is final and is matched before the break.
+        self._match(self._normalizer.flush() + RUN_BREAK)
+
+    def _match(self, norm: str) -> None:
+        if norm == RUN_BREAK and self._tail.endswith(RUN_BREAK):
             return
         buf = self._tail + norm
         for index, end in self._stream.feed(norm):
@@ -242,16 +265,13 @@ class _RunScanner:
         self._tail_start += max(0, len(buf) - SNIPPET_TAIL)
         self._tail = buf[-SNIPPET_TAIL:]
 
-    def _break(self) -> None:
-        self._stream.reset()
-        self._tail = ""
-        self._tail_start = 0
-
     def _hit(self, index: int, end: int, buf: str) -> None:
         rule = self._engine.keywords.rules[index]
         rel_end = end - self._tail_start
         rel_start = rel_end - len(self._engine.keywords.patterns[index])
-        snippet = buf[max(0, rel_start - SNIPPET_CHARS) : rel_end + SNIPPET_CHARS]
+        before = buf[max(0, rel_start - SNIPPET_CHARS) : rel_start].rpartition(RUN_BREAK)[2]
+        after = buf[rel_end : rel_end + SNIPPET_CHARS].partition(RUN_BREAK)[0]
+        snippet = before + buf[rel_start:rel_end] + after
         where = self._where or "text"
         self.matches.append(
             Match(rule.id, rule.category, "keyword", rule.keyword, rule.action, where, snippet)

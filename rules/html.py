@@ -60,10 +60,12 @@ line. Everything else (``a b i u s em strong span font small mark sub sup code k
 cite ins del time wbr``, and unknown or custom elements, which the rendering section
 makes inline) is rendered contiguously and does not end a run."""
 
-RAW_TEXT_SKIPPED = ("script", "style", "iframe", "noembed", "noframes")
+RAW_TEXT_SKIPPED = ("script", "style", "noembed", "noframes")
 """Raw-text elements whose contents are never shown as text (HTML 13.1.2: the contents
-of raw text elements are not markup; script and style are not rendered; iframe, noembed
-and noframes contents are fallbacks that current browsers do not display)."""
+of raw text elements are not markup; script and style are not rendered; noembed and
+noframes contents are fallbacks that current browsers do not display). ``iframe`` is
+raw text too, but a replaced element that ends a run: its (rare, undisplayed) fallback
+content is scanned as markup instead, which can only add text."""
 
 _WS = "\t\n\f\r "
 # HTML 13.2.5.32-38 (attribute name and value states): a value is quoted only when its
@@ -129,6 +131,8 @@ class HtmlText:
     def __init__(self) -> None:
         self._carry = ""
         self._carry_is_tag = False  # the carry is an unfinished tag (needs a ">")
+        self._waiting: list[str] = []  # input appended to an unfinished tag, not yet joined
+        self._waiting_len = 0
         self._state = "data"  # or "comment" or one of RAW_TEXT_SKIPPED
         self._in_run = False  # text emitted since the last break
         self.forced_tags = 0
@@ -136,25 +140,27 @@ class HtmlText:
 
     def feed(self, text: str) -> list[Piece]:
         if self._carry_is_tag and ">" not in text:
-            # An unfinished tag cannot finish without ">": append, do not re-scan.
-            self._carry += text
-            if len(self._carry) > MAX_TAG_CHARS:
-                return self._run(final=False)
+            # An unfinished tag cannot finish without ">": keep the piece, do not re-scan
+            # (a list, so that a tag arriving a byte at a time costs linear time).
+            self._waiting.append(text)
+            self._waiting_len += len(text)
+            if len(self._carry) + self._waiting_len > MAX_TAG_CHARS:
+                return self._run("", final=False)
             return []
-        return self._run_with(text, final=False)
+        return self._run(text, final=False)
 
     def finish(self) -> list[Piece]:
-        out = self._run_with("", final=True)
+        out = self._run("", final=True)
         self._carry, self._carry_is_tag = "", False
         return out
 
-    def _run_with(self, text: str, final: bool) -> list[Piece]:
-        self._carry += text
-        return self._run(final)
-
-    def _run(self, final: bool) -> list[Piece]:
-        data = self._carry.replace("\x00", "")  # HTML 13.2.6.4.7: NUL in body is ignored
+    def _run(self, text: str, final: bool) -> list[Piece]:
+        data = "".join([self._carry, *self._waiting, text])
+        if "\x00" in data:
+            data = data.replace("\x00", "")  # HTML 13.2.6.4.7: NUL in body is ignored
         self._carry, self._carry_is_tag = "", False
+        self._waiting.clear()
+        self._waiting_len = 0
         out: list[Piece] = []
         pos = 0
         while 0 <= pos < len(data):
@@ -265,12 +271,9 @@ class HtmlText:
             joined = html.unescape(joined)
         if "\x01" in joined:
             joined = joined.replace("\x01", "")
-        if "\x00" in joined:
-            # Runs holding only whitespace can never hold a keyword: fold their breaks.
-            runs = _BLANK_RUNS.sub("\x00", joined).split("\x00")
-        else:
-            runs = [joined]
-        self._runs(runs, out)
+        # Runs holding only whitespace can never hold a keyword: fold their breaks.
+        has_break = "\x00" in joined
+        self._runs(_BLANK_RUNS.sub("\x00", joined).split("\x00") if has_break else [joined], out)
 
     def _runs(self, runs: list[str], out: list[Piece]) -> None:
         """runs[0] continues the current run; each later one follows a break."""

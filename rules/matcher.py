@@ -233,8 +233,8 @@ class _HsStream(KeywordStream):
         if st is not None:
             try:
                 st.close(scratch=self._m._scratch(), match_event_handler=_collect, context=self._hits)
-            except Exception:  # noqa: BLE001 - a literal database reports nothing at close
-                pass
+            except Exception:  # noqa: BLE001 - literals report nothing at close; at
+                pass  # interpreter exit the scratch may be gone: the OS frees the stream
             self._hits.clear()
 
     def __del__(self) -> None:

@@ -33,6 +33,7 @@ them: a rule set with any problem is never loaded, not even in part.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tomllib
@@ -43,7 +44,7 @@ from typing import Literal
 
 from rules.domains import parse_domain_pattern
 from rules.errors import RuleProblem, RuleSetError
-from rules.normalize import normalize
+from rules.normalize import normalize, normalize_many
 from rules.urls import parse_url_rule
 
 __all__ = [
@@ -89,6 +90,8 @@ class Category:
     action: RuleAction
     """``block``: stop and record; ``log``: record only."""
     description: str = ""
+    name: str = ""
+    """The table name in ruleset.toml (``gambling``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,13 @@ class _Problems:
         if n <= MAX_PROBLEMS_PER_FILE:
             self.items.append(RuleProblem(file, line, reason, column))
 
+    def sort(self) -> None:
+        """Order by (file order, line, column): the keyword pass reports in two rounds."""
+        order: dict[str, int] = {}
+        for p in self.items:
+            order.setdefault(p.file, len(order))
+        self.items.sort(key=lambda p: (order[p.file], p.line, p.column))
+
     def finish(self) -> list[RuleProblem]:
         for file, n in self._per_file.items():
             if n > MAX_PROBLEMS_PER_FILE:
@@ -219,7 +229,7 @@ def _load_toml(path: Path, probs: _Problems) -> tuple[str, int, dict[str, Catego
             ok = False
             continue
         desc = table.get("description", "")
-        cats[cname] = Category(action, desc if isinstance(desc, str) else "")
+        cats[cname] = Category(action, desc if isinstance(desc, str) else "", cname)
     if not ok:
         return None
     assert isinstance(name, str) and isinstance(version, int)
@@ -234,9 +244,12 @@ def _read_lines(path: Path, fname: str, probs: _Problems) -> Iterator[tuple[int,
         probs.add(fname, 0, f"file is {size} bytes; at most {MAX_FILE_BYTES} are read")
         return
     data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    # Lines one at a time (not data.split(), which would hold 1M line objects at once).
+    for lineno, raw in enumerate(io.BytesIO(data), start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         try:
@@ -256,7 +269,7 @@ class _Table:
         self.optional = optional
         self.columns: dict[str, int] = {}
 
-    def rows(self, path: Path, probs: _Problems) -> Iterator[tuple[int, dict[str, str]]]:
+    def rows(self, path: Path, probs: _Problems) -> Iterator[tuple[int, list[str]]]:
         header_seen = False
         for lineno, text in _read_lines(path, self.fname, probs):
             if text is None:
@@ -299,7 +312,7 @@ class _Table:
                 ok = False
         return ok
 
-    def _row(self, fields: list[str], lineno: int, probs: _Problems) -> dict[str, str] | None:
+    def _row(self, fields: list[str], lineno: int, probs: _Problems) -> list[str] | None:
         if len(fields) != len(self.columns):
             names = ", ".join(sorted(self.columns, key=self.columns.__getitem__))
             probs.add(self.fname, lineno, f"{len(fields)} columns, expected {len(self.columns)} ({names})")
@@ -308,95 +321,125 @@ class _Table:
             if "\x00" in f:
                 probs.add(self.fname, lineno, "NUL byte", i)
                 return None
-        return {name: fields[i] for name, i in self.columns.items()}
+        return fields
+
+    def index(self, name: str) -> int | None:
+        """Field index of column ``name``; None when the header lacks it."""
+        return self.columns.get(name)
 
 
 def _common(
-    table: _Table, row: dict[str, str], lineno: int, cats: dict[str, Category],
+    table: _Table, row: list[str], lineno: int, cats: dict[str, Category],
     ids: dict[str, str], probs: _Problems,
 ) -> tuple[str, str, RuleAction] | None:
     """Check id, category and action of a row; (id, category, action) or None."""
     ok = True
     col = table.columns
-    rid = row["id"].strip()
+    rid = row[col["id"]].strip()
     if not rid:
         probs.add(table.fname, lineno, "empty id", col["id"] + 1)
+        ok = False
+    elif rid in ids:
+        probs.add(table.fname, lineno, f"duplicate id {rid!r} (first at {ids[rid]})", col["id"] + 1)
         ok = False
     elif len(rid) > MAX_ID_CHARS or not _ID.match(rid):
         probs.add(table.fname, lineno, f"invalid id {rid[:40]!r}: letters, digits and _ . : @ / - "
                                        f"(at most {MAX_ID_CHARS})", col["id"] + 1)
         ok = False
-    elif rid in ids:
-        probs.add(table.fname, lineno, f"duplicate id {rid!r} (first at {ids[rid]})", col["id"] + 1)
-        ok = False
     else:
         ids[rid] = f"{table.fname}:{lineno}"
-    cat = row["category"].strip()
-    if cat not in cats:
+    cat = row[col["category"]].strip()
+    category = cats.get(cat)
+    if category is not None:
+        cat = category.name or cat  # the one string object of ruleset.toml, shared by all rules
+    if category is None:
         known = ", ".join(sorted(cats))
         probs.add(table.fname, lineno, f"unknown category {cat!r} (ruleset.toml has: {known})", col["category"] + 1)
         ok = False
-    action = row.get("action", "").strip()
+    ai = col.get("action")
+    action = row[ai].strip() if ai is not None else ""
     if action and action not in RULE_ACTIONS:
-        probs.add(table.fname, lineno, f"unknown action {action!r} (use block or log, or leave empty)",
-                  col["action"] + 1)
+        probs.add(table.fname, lineno, f"unknown action {action!r} (use block or log, or leave empty)", ai + 1)  # type: ignore[operator]
         ok = False
-    if not ok:
+    if not ok or category is None:
         return None
-    return rid, cat, (action or cats[cat].action)  # type: ignore[return-value]
+    return rid, cat, (action or category.action)  # type: ignore[return-value]
 
 
-def _visible(s: str) -> bool:
-    """True when ``s`` has a character that is neither whitespace nor a format char."""
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _invisible(s: str) -> bool:
+    """True when ``s`` is only whitespace and format (Cf) characters."""
     import unicodedata
 
-    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in s)
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in s)
 
 
-def keyword_problem(keyword: str, flags: frozenset[str]) -> tuple[str, str]:
+def keyword_problem(keyword: str, flags: frozenset[str], norm: str | None = None) -> tuple[str, str]:
     """("", normalised keyword) or (reason, "") for one keyword (a plain function, so
-    ``rules check`` and the tests share the exact messages)."""
+    ``rules check`` and the tests share the exact messages). ``norm``: the keyword
+    already normalised, when the caller did it in bulk."""
     if keyword == "":
         return "empty keyword", ""
     if len(keyword) > MAX_KEYWORD_CHARS:
         return (f"keyword is {len(keyword)} characters; at most {MAX_KEYWORD_CHARS} "
                 f"(a keyword is a phrase, not a text)"), ""
-    if not _visible(keyword):
-        return "keyword has only blank or invisible characters", ""
-    bad = [c for c in keyword if (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0) and c != "\t"]
+    bad = _CONTROL.search(keyword)
     if bad:
-        return f"control character U+{ord(bad[0]):04X} in keyword", ""
-    norm = normalize(keyword)
+        return f"control character U+{ord(bad.group()):04X} in keyword", ""
+    if norm is None:
+        norm = normalize(keyword)
+    if not norm:
+        if _invisible(keyword):
+            return "keyword has only blank or invisible characters", ""
+        return "keyword is empty after normalisation (only separators or invisible characters)", ""
     if "exact" in flags:
         if norm != keyword:
             return (f"flag 'exact' but the keyword is not in normalised form; scanned text "
                     f"would read it as {norm!r}"), ""
         return "", keyword
-    if not norm:
-        return "keyword is empty after normalisation (only separators or invisible characters)", ""
     return "", norm
+
+
+_NO_FLAGS: frozenset[str] = frozenset()
 
 
 def _keywords(path: Path, cats: dict[str, Category], ids: dict[str, str], probs: _Problems) -> list[KeywordRule]:
     table = _Table("keywords.tsv", ("id", "category", "keyword"), ("action", "flags"))
-    out: list[KeywordRule] = []
+    flags_cache: dict[str, frozenset[str]] = {"": _NO_FLAGS}
+    # First every row's id, category, action and flags; then the keywords, normalised
+    # in bulk (normalize_many), so 1M keywords load in seconds.
+    pending: list[tuple[int, tuple[str, str, RuleAction] | None, str, frozenset[str]]] = []
     for lineno, row in table.rows(path, probs):
         common = _common(table, row, lineno, cats, ids, probs)
-        flags_raw = [f.strip() for f in row.get("flags", "").split(",") if f.strip()]
-        unknown = [f for f in flags_raw if f not in KEYWORD_FLAGS]
-        if unknown:
-            probs.add(table.fname, lineno, f"unknown flag {unknown[0]!r} (known: {', '.join(sorted(KEYWORD_FLAGS))})",
-                      table.columns["flags"] + 1)
-            continue
-        flags = frozenset(flags_raw)
-        reason, norm = keyword_problem(row["keyword"], flags)
+        fi = table.index("flags")
+        flags_raw = row[fi] if fi is not None else ""
+        flags = flags_cache.get(flags_raw)
+        if flags is None:
+            names = [f.strip() for f in flags_raw.split(",") if f.strip()]
+            unknown = [f for f in names if f not in KEYWORD_FLAGS]
+            if unknown:
+                probs.add(table.fname, lineno, f"unknown flag {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(KEYWORD_FLAGS))})", fi + 1)  # type: ignore[operator]
+                continue
+            flags = flags_cache[flags_raw] = frozenset(names)
+        pending.append((lineno, common, row[table.columns["keyword"]], flags))
+    norms = normalize_many([
+        kw if len(kw) <= MAX_KEYWORD_CHARS and "\x00" not in kw else "" for _, _, kw, _ in pending
+    ])
+    out: list[KeywordRule] = []
+    append = out.append
+    kcol = table.columns.get("keyword", 0) + 1
+    for (lineno, common, keyword, flags), norm in zip(pending, norms):
+        reason, pattern = keyword_problem(keyword, flags, norm)
         if reason:
-            probs.add(table.fname, lineno, reason, table.columns["keyword"] + 1)
-            continue
-        if common is None:
-            continue
-        rid, cat, action = common
-        out.append(KeywordRule(rid, cat, row["keyword"], action, flags, norm))
+            probs.add(table.fname, lineno, reason, kcol)
+        elif common is not None:
+            if pattern == keyword:
+                pattern = keyword  # one string object, not two equal ones (1M rules: ~80 MB)
+            append(KeywordRule(common[0], common[1], keyword, common[2], flags, pattern))
+    probs.sort()
     return out
 
 
@@ -405,16 +448,17 @@ def _domains(path: Path, cats: dict[str, Category], ids: dict[str, str], probs: 
     out: list[DomainRule] = []
     for lineno, row in table.rows(path, probs):
         common = _common(table, row, lineno, cats, ids, probs)
+        domain = row[table.columns["domain"]]
         try:
-            pat = parse_domain_pattern(row["domain"])
+            pat = parse_domain_pattern(domain)
         except ValueError as e:
-            probs.add(table.fname, lineno, f"malformed domain {row['domain'][:80]!r}: {e}",
-                      table.columns["domain"] + 1)
+            probs.add(table.fname, lineno, f"malformed domain {domain[:80]!r}: {e}", table.columns["domain"] + 1)
             continue
-        if common is None:
-            continue
-        rid, cat, action = common
-        out.append(DomainRule(rid, cat, row["domain"].strip(), action, pat.mode, pat.name))  # type: ignore[arg-type]
+        if common is not None:
+            written = domain.strip()
+            # Share one string when the pattern is already canonical (1M rules: ~60 MB).
+            name = written if written == pat.name else pat.name
+            out.append(DomainRule(common[0], common[1], written, common[2], pat.mode, name))  # type: ignore[arg-type]
     return out
 
 
@@ -423,16 +467,15 @@ def _urls(path: Path, cats: dict[str, Category], ids: dict[str, str], probs: _Pr
     out: list[UrlRule] = []
     for lineno, row in table.rows(path, probs):
         common = _common(table, row, lineno, cats, ids, probs)
+        url = row[table.columns["url"]]
         try:
-            u = parse_url_rule(row["url"])
+            u = parse_url_rule(url)
         except ValueError as e:
-            probs.add(table.fname, lineno, f"malformed url {row['url'][:80]!r}: {e}", table.columns["url"] + 1)
+            probs.add(table.fname, lineno, f"malformed url {url[:80]!r}: {e}", table.columns["url"] + 1)
             continue
-        if common is None:
-            continue
-        rid, cat, action = common
-        out.append(UrlRule(rid, cat, row["url"].strip(), action, u.host, u.path_prefix,
-                           u.mode, u.query_prefix))  # type: ignore[arg-type]
+        if common is not None:
+            out.append(UrlRule(common[0], common[1], url.strip(), common[2], u.host, u.path_prefix,
+                               u.mode, u.query_prefix))  # type: ignore[arg-type]
     return out
 
 

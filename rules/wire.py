@@ -138,7 +138,7 @@ class _HeadCollector:
 
 def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     """All comma-separated elements of every field called ``name``."""
-    out = []
+    out: list[bytes] = []
     for key, value in headers:
         if key.lower() == name:
             out.extend(part.strip(b" \t") for part in value.split(b","))
@@ -219,6 +219,8 @@ class Http1Stream:
         self._state = "head"
         self._remaining = 0
         self._scanned = 0  # bytes of the head buffer already searched for its end
+        self._head_lines = 0  # newlines in the scanned part of an unfinished head
+        self._line_start = 0  # where its last, unfinished line starts
         self._trailer_bytes = 0
         self._trailer_count = 0
         self._messages = 0
@@ -289,7 +291,7 @@ class Http1Stream:
         blank = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
         if blank:
             self._consume(blank)
-            self._scanned = 0
+            self._scanned = self._head_lines = self._line_start = 0
 
     def _step_head(self, events: list[Event]) -> bool:
         self._skip_blank_lines()
@@ -303,7 +305,7 @@ class Http1Stream:
             self._scanned = len(self._buf)
             return False
         raw = self._consume(found.end())
-        self._scanned = 0
+        self._scanned = self._head_lines = self._line_start = 0
         self._check_head_limits(raw, self._offset - len(raw))
         head = _parse_head(raw, self.is_request, self._offset - len(raw))
         events.append(head)
@@ -311,13 +313,18 @@ class Http1Stream:
         return True
 
     def _check_partial_head(self) -> None:
+        """Limits on a head still arriving; only the new bytes are looked at (a head fed
+        a byte at a time must cost linear time)."""
         if len(self._buf) > MAX_HEAD_BYTES:
             raise _Fail(f"message head longer than {MAX_HEAD_BYTES} bytes", self._offset)
-        line_start = self._buf.rfind(b"\n") + 1
-        if len(self._buf) - line_start > MAX_LINE_BYTES:
+        last = self._buf.rfind(b"\n", self._scanned)
+        if last >= 0:
+            self._head_lines += self._buf.count(b"\n", self._scanned)
+            self._line_start = last + 1
+        if len(self._buf) - self._line_start > MAX_LINE_BYTES:
             raise _Fail(f"head line longer than {MAX_LINE_BYTES} bytes",
-                        self._offset + line_start)
-        if self._buf.count(b"\n") > MAX_HEADER_COUNT + 1:
+                        self._offset + self._line_start)
+        if self._head_lines > MAX_HEADER_COUNT + 1:
             raise _Fail(f"more than {MAX_HEADER_COUNT} header fields", self._offset)
 
     @staticmethod

@@ -138,12 +138,12 @@ def ip_to_db(ip: str) -> int | bytes | str:
         packed = socket.inet_pton(socket.AF_INET, ip)
         if socket.inet_ntop(socket.AF_INET, packed) == ip:
             out = int.from_bytes(packed) - IPV4_OFFSET
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError):
         try:
             packed = socket.inet_pton(socket.AF_INET6, ip)
             if socket.inet_ntop(socket.AF_INET6, packed) == ip:
                 out = packed
-        except (OSError, TypeError):
+        except (OSError, TypeError, ValueError):  # ValueError: embedded NUL
             pass
     if len(_ip_cache) > 200_000:  # bounded: a scan of random sources must not grow it forever
         _ip_cache.clear()

@@ -143,3 +143,31 @@ def test_parallel_store(capsys, rules: Path, good: Path, tmp_path: Path) -> None
     assert code == 0, err
     kinds = sorted(type(r).__name__ for r in query.query(tmp_path / "s"))
     assert kinds.count("Http") == 3 and kinds.count("Dns") == 1 and kinds.count("Conn") == 2
+
+
+def test_progress_bar_only_on_a_terminal(rules: Path, corpus: Path) -> None:
+    import os
+
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "linewarden", "replay", "--rules", str(rules),
+                               str(corpus / "pcap" / "capture.pcap")],
+                              stdout=subprocess.DEVNULL, stderr=slave, timeout=120, cwd=ROOT)
+        os.close(slave)
+        slave = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"\r[" in err and b"% " in err and b"decisions" in err
+    assert b"replay: 3619 packets" in err

@@ -151,3 +151,10 @@ def test_every_key_is_documented() -> None:
         assert f.metadata.get("doc"), f.name
         assert f"dns.{f.name}" in table or f.name == "sinkhole"
     assert "dns.sinkhole.CATEGORY" in table and "identity.binding" in table
+
+
+def test_deploy_readme_documents_every_dns_key() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "deploy" / "README.md").read_text()
+    for f in dataclasses.fields(DnsConfig):
+        key = "dns.sinkhole.CATEGORY" if f.name == "sinkhole" else f"dns.{f.name}"
+        assert f"`{key}`" in readme, key

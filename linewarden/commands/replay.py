@@ -293,11 +293,15 @@ def _replay_files(replay: Any, files: list[Path], capture: Any, error: Callable[
         with f:
             try:
                 next_draw = 0.0
+                base = capture.bytes + 16 * capture.records
                 for n, pkt in enumerate(read_packets(f, capture)):
                     yield from replay.packet(pkt)
                     if draw is not None and not n & 1023 and time.monotonic() >= next_draw:
                         next_draw = time.monotonic() + PROGRESS_EVERY_S
-                        draw(path.name, done + f.tell(), replay.stats.decisions)
+                        # Bytes consumed so far (record headers + data); the file's own
+                        # position runs ahead by the read window.
+                        pos = capture.bytes + 16 * capture.records - base
+                        draw(path.name, done + pos, replay.stats.decisions)
             except CaptureError as exc:
                 error(f"{path}: {exc} (decisions before it were kept)")
         done += _size(path)

@@ -132,6 +132,10 @@ http("post-bad", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Type: ap
 http("post-ok", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
 http("tls-ok", get("/plain"), tls_sni="www.lw.test")
 http("tls-doh", get("/plain"), tls_sni="doh.lw.test")
+if sys.argv[3] == "intercept":
+    http("tls-bad", get("/bad"), tls_sni="www.lw.test")
+    http("tls-post-bad", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body, tls_sni="www.lw.test")
 print(json.dumps(out))
 """
 
@@ -195,8 +199,12 @@ def _parse(raw_hex: str):  # type: ignore[no-untyped-def]
     return parse_message(bytes.fromhex(raw_hex))
 
 
-def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["fastpath", "intercept"])
+def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path: str) -> None:
+    """``fastpath``: one worker, TLS decided by SNI and spliced. ``intercept``: two
+    worker processes, www.lw.test handed to mitmproxy and given the full HTTP treatment."""
     prefix, procs = lab
+    intercept = path == "intercept"
     cert, key = _cert(tmp_path)
     server_log = tmp_path / "server.jsonl"
     server_out = tmp_path / "server.out"
@@ -222,12 +230,20 @@ commit_interval_ms = 50
 [http]
 listen = "0.0.0.0:{PROXY_PORT}"
 mode = "transparent"
+workers = {2 if intercept else 1}
+intercept = {'["www.lw.test"]' if intercept else '[]'}
+ca_dir = "{tmp_path / 'ca'}"
+upstream_verify = false
 [dns]
 enabled = false
 [[identity.binding]]
 ip = "{CLIENT_IP}"
 account = "alice"
 """)
+    if intercept:
+        from proxy.tls_ca import init_ca
+
+        init_ca(tmp_path / "ca")
     lw_log = tmp_path / "linewarden.log"
     with open(lw_log, "wb") as out:
         lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
@@ -235,7 +251,7 @@ account = "alice"
     procs.append(lw)
     _wait_for(lw_log, b"upstreams", lw, "linewarden")
 
-    client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD],
+    client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, path],
                             capture_output=True, timeout=120)
     assert client.returncode == 0, client.stderr.decode()
     got = json.loads(client.stdout)
@@ -261,8 +277,13 @@ account = "alice"
     assert _parse(got["post-ok"]["raw"]).body == b"got hello"
     assert "error" in got["tls-doh"] and "ACCESS_DENIED" in got["tls-doh"]["error"].upper().replace(" ", "_")
 
+    if intercept:
+        for name in ("tls-bad", "tls-post-bad"):
+            page = _parse(got[name]["raw"])
+            assert page.status == 451 and KEYWORD not in page.body.decode(), name
+
     seen = [json.loads(line) for line in server_log.read_text().splitlines()]
-    assert not any(KEYWORD in s["body"] for s in seen)  # the blocked POST never reached the server
+    assert not any(KEYWORD in s["body"] for s in seen)  # the blocked POSTs never reached the server
     assert [s["body"] for s in seen if s["method"] == "POST"] == ["hello"]
 
     lw.send_signal(signal.SIGTERM)
@@ -280,26 +301,33 @@ account = "alice"
     for h in https:
         name = by_port[h.client_port]
         c = conns[h.uid]
-        assert (h.client_ip, h.account, h.server_ip, h.server_port) == (CLIENT_IP, "alice", SERVER_IP, 80), h
+        port = 443 if name.startswith("tls") else 80
+        assert (h.client_ip, h.account, h.server_ip, h.server_port) == (CLIENT_IP, "alice", SERVER_IP, port), h
         assert h.host == "www.lw.test" and h.ruleset_version == 5
-        blocked = name in ("/bad", "post-bad")
+        blocked = name in ("/bad", "post-bad", "tls-bad", "tls-post-bad")
         assert h.action == ("block" if blocked else "allow"), (name, h)
         assert h.rule_ids == (["K1"] if blocked else [])
-        if name != "post-bad":
+        if name != "post-bad" and name != "tls-post-bad":
             # The proxy's upstream socket: the address and port the server saw.
             assert (h.nat_ip, h.nat_port) in peers and h.nat_ip == GW_WAN_IP, (name, h)
             assert (c.nat_ip, c.nat_port) == (h.nat_ip, h.nat_port)
-        else:
+        elif name == "post-bad":
             assert h.nat_port is None and c.bytes_down == 0
-        assert c.client_port == h.client_port and c.service == "http" and c.bytes_up > 0
-    assert sorted(by_port[h.client_port] for h in https) == sorted(
-        ["/plain", "/gzip", "/chunked", "/bad", "post-bad", "post-ok"])
-    assert {(t.sni, t.action, t.intercepted) for t in tlss} == {("www.lw.test", "allow", False),
-                                                              ("doh.lw.test", "block", False)}
+        assert c.client_port == h.client_port and c.service == ("tls" if port == 443 else "http")
+        assert c.bytes_up > 0
+    expected = ["/plain", "/gzip", "/chunked", "/bad", "post-bad", "post-ok"]
+    if intercept:
+        expected += ["tls-ok", "tls-bad", "tls-post-bad"]
+    assert sorted(by_port[h.client_port] for h in https) == sorted(expected)
+    sni = {(t.sni, t.action, t.intercepted) for t in tlss}
+    assert sni == {("www.lw.test", "allow", intercept), ("doh.lw.test", "block", False)}
     for t in tlss:
         c = conns[t.uid]
         assert (t.client_ip, t.account, t.server_ip, t.server_port) == (CLIENT_IP, "alice", SERVER_IP, 443)
-        if t.action == "allow":
-            assert (t.nat_ip, t.nat_port) in peers and c.bytes_down > 0 and c.close_reason == "fin"
+        if by_port[t.client_port] == "tls-post-bad":
+            # mitmproxy connected, but the blocked POST never went out: the server logged nothing.
+            assert t.nat_ip == GW_WAN_IP and t.nat_port and c.bytes_down > 0
+        elif t.action == "allow":
+            assert (t.nat_ip, t.nat_port) in peers and c.bytes_down > 0 and c.close_reason == "fin", t
         else:
             assert t.rule_ids == ["D1"] and c.close_reason == "blocked" and c.bytes_down == 0

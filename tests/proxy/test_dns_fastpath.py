@@ -271,3 +271,16 @@ def test_header_only_drops_responses_and_short_packets() -> None:
     assert fp.header_only(resp, fp.FORMERR) is None
     out = DNSRecord.parse(fp.header_only(query(qid=99), fp.FORMERR))
     assert out.header.id == 99 and out.header.rcode == fp.FORMERR
+
+
+def test_repeated_query_shapes_are_memoised_with_fresh_ids() -> None:
+    a = fp.parse_query(query("memo.example.test", qid=1))
+    b = fp.parse_query(query("memo.example.test", qid=2))
+    assert (a.id, b.id) == (1, 2) and a[1:] == b[1:]
+    assert query("memo.example.test", qid=1)[2:] in fp._query_memo
+
+
+def test_query_memo_stays_bounded() -> None:
+    for i in range(fp.QUERY_MEMO_MAX + 10):
+        fp.parse_query(query(f"n{i}.bound.test"))
+    assert len(fp._query_memo) <= fp.QUERY_MEMO_MAX

@@ -5,9 +5,6 @@ zone and can be told to drop, fail or truncate."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import socket
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linewarden.config import DnsConfig
-from proxy import dns_fastpath as fp
 from proxy.dns_shim import DnsShim, EngineRef, strip_ech
 from proxy.identity import Identity
 from rules.engine import Engine
@@ -141,9 +137,15 @@ class Zone(asyncio.DatagramProtocol):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await asyncio.start_server(self.handle_tcp, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", port))
+        for _ in range(20):  # one port free for both TCP and UDP
+            self.server = await asyncio.start_server(self.handle_tcp, "127.0.0.1", 0)
+            port = self.server.sockets[0].getsockname()[1]
+            try:
+                self.transport, _ = await loop.create_datagram_endpoint(
+                    lambda: self, local_addr=("127.0.0.1", port))
+                break
+            except OSError:
+                self.server.close()
         self.address = ("127.0.0.1", port)
 
     def connection_made(self, transport: Any) -> None:
@@ -400,7 +402,7 @@ async def test_upstream_marked_down_then_back_after_probe(rig: Rig, zones: list[
     await rig.ask("n9.lw.test")  # a down upstream is tried last: the answer comes at once
     assert zones[0].udp_queries == before
     zones[0].mode = "normal"
-    for _ in range(50):
+    for _ in range(200):  # probes every 0.2 s; generous for a loaded machine
         if not up0.down:
             break
         await asyncio.sleep(0.05)
@@ -530,3 +532,57 @@ async def test_stop_answers_in_flight_queries_with_servfail_and_records_them(
     await writer.close()
     [rec] = dns_records(read_store(store))
     assert rec.rcode_name == "SERVFAIL"
+
+
+async def test_start_failure_leaves_nothing_bound(tmp_path: Path, engine: Engine) -> None:
+    import socket
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    writer = RecordWriter(tmp_path / "s")
+    shim = DnsShim(cfg(listen=f"127.0.0.1:{port}"), EngineRef(engine), writer, upstreams=[])
+    try:
+        with pytest.raises(OSError):
+            await shim.start()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", port))  # the TCP side was released again
+        probe.close()
+    finally:
+        taken.close()
+
+
+async def test_malformed_pcap_packets_never_stop_the_shim(rig: Rig) -> None:
+    """The corpus capture of malformed DNS packets, fed as the UDP payloads they are."""
+    import dpkt
+
+    payloads = []
+    with open(BAD_DNS / "malformed.pcap", "rb") as f:
+        for _ts, buf in dpkt.pcap.Reader(f):
+            eth = dpkt.ethernet.Ethernet(buf)
+            ip = eth.data
+            if isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)) and isinstance(ip.data, dpkt.udp.UDP):
+                payloads.append(bytes(ip.data.data))
+    assert len(payloads) >= 10
+    out: list[bytes] = []
+    for p in payloads:
+        rig.shim._on_message(p, ("127.0.0.1", 9), "udp", out.append)
+    await asyncio.sleep(0.5)  # any that looked like questions went upstream and came back
+    assert rig.shim.stats["internal_errors"] == 0 and rig.shim.stats["malformed"] >= 10
+    r = await rig.ask("www.lw.test")
+    assert str(r.rr[0].rdata) == "192.0.2.10"
+
+
+@pytest.mark.parametrize("name", ["use-application-dns.net", "mask.icloud.com", "mask-h2.icloud.com",
+                                  "dns.google", "cloudflare-dns.com"])
+async def test_sample_rules_close_the_doh_and_private_relay_bypasses(tmp_path: Path, name: str) -> None:
+    """Issue 5: the bundled rules answer NXDOMAIN for Firefox's canary domain, Apple's
+    Private Relay names and well-known DoH endpoints."""
+    from rules.engine import SAMPLE_RULES
+
+    writer = RecordWriter(tmp_path / "s")
+    shim = DnsShim(cfg(), EngineRef(Engine.from_dir(SAMPLE_RULES)), writer, upstreams=[])
+    out: list[bytes] = []
+    shim._on_message(make_query(name), ("127.0.0.1", 9), "udp", out.append)
+    [resp] = out
+    assert DNSRecord.parse(resp).header.rcode == RCODE.NXDOMAIN

@@ -504,3 +504,24 @@ def test_http_framing_error_is_flagged_and_parsing_resumes(engine: Engine) -> No
     assert any("Content-Length" in e for e in got["/ok1"].errors)
     assert got["/ok2"].action == "block" and got["/ok2"].status == 200
     assert rp.stats.http_errors == 1
+
+
+def test_bad_request_head_keeps_its_place_in_the_order(engine: Engine) -> None:
+    c = Conversation().handshake()
+    c.send(True, b"GET /bad HTTP/1.1\r\nBad Header\r\n\r\n").send(False, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    c.send(True, request("/good", host=BLOCKED_HOST)).send(False, response(PAGE_ALLOW))
+    decisions, _ = replay_bytes(engine, pcap_bytes(c.close().packets()))
+    got = sorted((d.index, d.url, d.status, d.action, bool(d.errors)) for d in decisions)
+    assert got == [(0, None, 400, "allow", True), (1, "/good", 200, "block", False)]
+
+
+def test_large_body_in_one_byte_segments_is_bounded_in_time(engine: Engine) -> None:
+    import time
+
+    body = ("<p>" + "图书馆开放时间调整。" * 2500 + KEYWORD + "</p>").encode()  # ~75 KB, keyword at the end
+    c = Conversation().handshake().send(True, request("/big")).send(False, response(body), mss=1)
+    data = pcap_bytes(c.close().packets())
+    start = time.monotonic()
+    decisions, _ = replay_bytes(engine, data)
+    assert time.monotonic() - start < 60
+    assert [(d.url, d.action, d.resp_bytes) for d in decisions] == [("/big", "block", len(body))]

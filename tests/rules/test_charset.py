@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from rules.charset import (
-    META_PRESCAN_BYTES, SNIFF_BYTES, TextDecoder, bom, decode_bytes, lookup, prescan_meta,
+    META_PRESCAN_BYTES,
+    SNIFF_BYTES,
+    TextDecoder,
+    bom,
+    decode_bytes,
+    lookup,
+    prescan_meta,
     sniff,
 )
 from tests.rules.test_decode import split_ways
@@ -98,6 +104,12 @@ def test_meta_is_used_for_html_only_and_after_the_content_type() -> None:
     assert decoder.encoding == "gb18030"  # not from the meta: sniffed (invalid UTF-8)
 
 
+def test_meta_after_non_ascii_text_is_found_however_the_input_is_split() -> None:
+    page = ("<title>" + TEXT + "</title><meta charset=big5><p>" + TEXT).encode("big5hkscs")
+    text, decoder = decode(page, html=True)
+    assert decoder.encoding == "big5hkscs" and text.endswith(TEXT)
+
+
 def test_sniffing_prefers_valid_utf8_else_gb18030() -> None:
     assert sniff(TEXT.encode(), final=True) == "utf-8"
     assert sniff(TEXT.encode("gb18030"), final=True) == "gb18030"
@@ -105,7 +117,7 @@ def test_sniffing_prefers_valid_utf8_else_gb18030() -> None:
     assert decode(TEXT.encode("gb18030"))[0] == TEXT
 
 
-def test_gb18030_after_a_long_ascii_prefix_is_re_sniffed() -> None:
+def test_gb18030_after_a_long_ascii_prefix_is_sniffed_where_it_starts() -> None:
     body = b"a" * (SNIFF_BYTES + 10) + TEXT.encode("gb18030")
     text, decoder = decode(body, sniff_bytes=SNIFF_BYTES)
     assert text.endswith(TEXT) and decoder.encoding == "gb18030" and decoder.errors == []
@@ -120,9 +132,11 @@ def test_invalid_bytes_after_real_text_become_replacement_characters() -> None:
 
 def test_sniff_buffer_is_bounded() -> None:
     decoder = TextDecoder(None, sniff_bytes=100)
-    assert decoder.feed(b"a" * 99) == ""
-    assert decoder.feed(b"a") == "a" * 100  # the choice is made once the bound is reached
+    assert decoder.feed(b"abc" + "押".encode() * 30) == "abc"  # ASCII at once, then held
+    assert decoder.feed(b"x" * 10) == "押" * 30 + "x" * 10  # the window is full: chosen
     assert len(decoder._held) == 0
+    ascii_text = b"ascii is passed at once"
+    assert TextDecoder(None, sniff_bytes=100).feed(ascii_text) == ascii_text.decode()
 
 
 @pytest.mark.parametrize("declared", ["utf-8", None])

@@ -36,7 +36,8 @@ ENCODERS = {
 }
 
 
-def decode(pieces: list[bytes], codings: list[str], cap: int = 1 << 24) -> tuple[bytes, ContentDecoder]:
+def decode(pieces: list[bytes], codings: list[str],
+           cap: int = 1 << 24) -> tuple[bytes, ContentDecoder]:
     decoder = ContentDecoder(codings, max_output=cap)
     out = b"".join(decoder.feed(piece) for piece in pieces) + decoder.finish()
     return out, decoder
@@ -77,7 +78,8 @@ def test_multi_member_gzip_is_read_to_the_end() -> None:
 
 
 @pytest.mark.parametrize(("value", "codings"), [
-    (None, []), (b"", []), (b"GZIP", ["gzip"]), (b" gzip ,br,, identity", ["gzip", "br", "identity"]),
+    (None, []), (b"", []), (b"GZIP", ["gzip"]),
+    (b" gzip ,br,, identity", ["gzip", "br", "identity"]),
     ("deflate", ["deflate"]),
 ])
 def test_parse_codings(value: bytes | str | None, codings: list[str]) -> None:

@@ -9,7 +9,7 @@ import random
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote_from_bytes
@@ -20,7 +20,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from rules.decode import (
-    BodyDecoder, Break, DecodeLimits, Text, container_for, sniff_media_type,
+    BodyDecoder,
+    Break,
+    DecodeLimits,
+    Text,
+    container_for,
+    sniff_media_type,
 )
 from rules.errors import InputError
 from rules.wire import BodyData, Head, Http1Stream, ParseError, parse_message
@@ -166,8 +171,7 @@ def test_errors_of_every_layer_are_reported() -> None:
 
 def test_feed_after_finish_is_ignored() -> None:
     decoder = BodyDecoder(ct("text/plain"), is_request=False)
-    decoder.feed(b"abc")
-    assert decoder.finish() == [Text("body", "abc")]
+    assert decoder.feed(b"abc") + decoder.finish() == [Text("body", "abc")]
     assert decoder.feed(b"more") == [] and decoder.finish() == []
 
 
@@ -290,14 +294,16 @@ BAD_FILE_PEAK_BYTES = 80 * 1024 * 1024
 far below the 1 GiB the bombs would cost unbounded."""
 
 
-def _drive(data: bytes) -> tuple[list[object], BodyDecoder | None, list[str]]:
+def _drive(data: bytes) -> tuple[list[Text | Break], BodyDecoder | None, list[str]]:
     """parse_message, then the stream events into a BodyDecoder (best effort on errors)."""
     try:
         parse_message(data)
     except InputError as exc:
         assert exc.decoder == "http" and exc.reason
     stream = Http1Stream(not data.lstrip(b"\r\n").startswith(b"HTTP/"))
-    decoder, events, problems = None, [], []
+    decoder: BodyDecoder | None = None
+    events: list[Text | Break] = []
+    problems: list[str] = []
     for event in stream.feed(data) + stream.eof():
         if isinstance(event, Head):
             decoder = BodyDecoder(event.headers, is_request=event.is_request)
@@ -372,6 +378,3 @@ def test_corpus_bodies_decode_the_same_fed_whole_or_in_pieces(corpus: Path) -> N
             got, _ = decode_in(pieces, message.headers, is_request=message.is_request)
             assert got == whole, path.name
 
-
-def _use(*_: Callable[..., object]) -> None:
-    """Keep helper imports referenced for other test modules."""

@@ -166,3 +166,17 @@ def test_tables_are_consistent() -> None:
     for c in IGNORABLE:
         assert normalize("x" + c + "y") == "xy", f"U+{ord(c):04X}"
     assert unicodedata.is_normalized("NFKC", normalize("ＡＢＣ代開"))
+
+
+@given(st.lists(st.one_of(tricky_text, any_text), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_normalize_many_equals_one_by_one(texts: list[str]) -> None:
+    from rules.normalize import normalize_many
+
+    assert normalize_many(texts) == [normalize(t) for t in texts]
+
+
+def test_no_combining_character_above_the_scanned_range() -> None:
+    from rules.normalize import _MAX_COMBINING
+
+    assert not [c for c in range(_MAX_COMBINING + 1, 0x110000) if unicodedata.combining(chr(c))]

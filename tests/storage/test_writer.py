@@ -1,0 +1,233 @@
+"""storage/writer.py: submit never waits, group commit, overflow policies, day close,
+retention, bad records, flush and close."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.chain import read_digests
+from storage.config import StoreConfig
+from storage.partitions import day_path, list_days
+from storage.query import query
+from storage.records import Alarm, Conn, Maintenance
+from storage.verify import verify_store
+from storage.writer import RecordWriter, write_records
+from tests.storage.conftest import DAYS, NOW, US, clock, day_start, one_of_each, records_for
+
+
+def count(store: Path, day: str) -> int:
+    with sqlite3.connect(day_path(store, day)) as c:
+        return c.execute("SELECT count(*) FROM rec").fetchone()[0]
+
+
+def kinds(store: Path, kind: str) -> list:
+    return list(query(store, kind=kind))
+
+
+async def test_submit_flush_close_and_every_record_is_back(tmp_path):
+    w = RecordWriter(tmp_path / "s", StoreConfig(), clock=clock)
+    await w.start()
+    recs = list(records_for(DAYS[:1], 10))
+    assert all(w.submit(r) for r in recs)
+    await w.flush()
+    assert w.committed == len(recs)
+    await w.close()
+    got = [r for r in query(tmp_path / "s") if not (isinstance(r, Maintenance) and r.operation == "keys.init")]
+    assert sorted(got, key=lambda r: r.ts) == sorted(recs, key=lambda r: r.ts)
+
+
+async def test_group_commit_happens_within_the_interval_without_flush(tmp_path):
+    cfg = StoreConfig(commit_interval_ms=100)
+    w = RecordWriter(tmp_path / "s", cfg, clock=clock)
+    await w.start()
+    t0 = time.monotonic()
+    w.submit(Conn(ts=day_start(DAYS[0]) + 1))
+    while w.committed < 1 and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.01)
+    elapsed = time.monotonic() - t0
+    await w.close()
+    assert w.committed == 1
+    assert elapsed < 2.0  # bound is 100 ms + one commit; generous for loaded CI machines
+
+
+async def test_batch_max_triggers_a_commit_before_the_interval(tmp_path):
+    cfg = StoreConfig(commit_interval_ms=60_000, batch_max=50)
+    w = RecordWriter(tmp_path / "s", cfg, clock=clock)
+    await w.start()
+    for i in range(50):
+        w.submit(Conn(ts=day_start(DAYS[0]) + i))
+    t0 = time.monotonic()
+    while w.committed < 50 and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.01)
+    assert w.committed == 50  # long before the 60 s interval
+    await w.close()
+
+
+async def test_submit_never_awaits_and_is_cheap(tmp_path):
+    w = RecordWriter(tmp_path / "s", StoreConfig(), clock=clock)
+    await w.start()
+    recs = [Conn(ts=day_start(DAYS[0]) + i) for i in range(20_000)]
+    t0 = time.perf_counter()
+    for r in recs:
+        w.submit(r)  # a plain call: no coroutine, no await
+    per = (time.perf_counter() - t0) / len(recs)
+    await w.close()
+    assert per < 50e-6
+
+
+async def test_fail_open_overflow_drops_counts_and_alarms(tmp_path):
+    cfg = StoreConfig(queue_max=10, overflow="fail-open")
+    w = RecordWriter(tmp_path / "s", cfg, clock=clock)
+    await w.start()
+    results = [w.submit(Conn(ts=day_start(DAYS[0]) + i)) for i in range(25)]
+    assert all(results)  # fail-open: the data path carries on
+    assert w.dropped == 15
+    await w.close()
+    alarms = [a for a in kinds(tmp_path / "s", "alarm") if a.alarm_kind == "queue_overflow"]
+    assert len(alarms) == 1 and "15 records dropped" in alarms[0].detail
+    assert len(kinds(tmp_path / "s", "conn")) == 10
+
+
+async def test_fail_closed_overflow_refuses_and_alarms(tmp_path):
+    cfg = StoreConfig(queue_max=10, overflow="fail-closed")
+    w = RecordWriter(tmp_path / "s", cfg, clock=clock)
+    await w.start()
+    results = [w.submit(Conn(ts=day_start(DAYS[0]) + i)) for i in range(12)]
+    assert results == [True] * 10 + [False] * 2
+    await w.flush()
+    assert w.submit(Conn(ts=day_start(DAYS[0]) + 99))  # room again after the commit
+    await w.close()
+    alarms = [a for a in kinds(tmp_path / "s", "alarm") if a.alarm_kind == "queue_overflow"]
+    assert len(alarms) == 1 and "2 records refused" in alarms[0].detail
+
+
+async def test_a_bad_record_becomes_an_alarm_carrying_it(tmp_path):
+    w = RecordWriter(tmp_path / "s", StoreConfig(), clock=clock)
+    await w.start()
+    w.submit(Conn(ts=day_start(DAYS[0]), client_port="eighty"))  # type: ignore[arg-type]
+    w.submit("not a record")  # type: ignore[arg-type]
+    w.submit(Conn(ts=day_start(DAYS[0]) + 1))
+    await w.close()
+    bad = [a for a in kinds(tmp_path / "s", "alarm") if a.alarm_kind == "bad_record"]
+    assert len(bad) == 2 and any("eighty" in a.detail for a in bad)
+    assert len(kinds(tmp_path / "s", "conn")) == 1
+    assert verify_store(tmp_path / "s", now=NOW).ok
+
+
+async def test_records_go_to_the_day_of_their_ts_in_the_store_zone(tmp_path):
+    # 2026-01-05 23:59:59 and 2026-01-06 00:00:00 Asia/Shanghai are 16:00 UTC apart by a second.
+    d1 = day_start("2026-01-06")
+    write_records(tmp_path / "s", [Conn(ts=d1 - 1), Conn(ts=d1)], clock=clock)
+    assert list_days(tmp_path / "s")[:2] == ["2026-01-05", "2026-01-06"]
+    assert [count(tmp_path / "s", d) for d in ("2026-01-05", "2026-01-06")] == [1, 1]
+
+
+def test_write_records_works_inside_a_running_loop(tmp_path):
+    async def inside():
+        return write_records(tmp_path / "s", one_of_each(day_start(DAYS[0])), clock=clock)
+
+    assert asyncio.run(inside()) == 8
+
+
+async def test_day_close_signs_final_head_and_late_record_reopens(tmp_path):
+    now = [day_start(DAYS[0]) / US + 3600]
+    cfg = StoreConfig(housekeeping_s=0.05)
+    w = RecordWriter(tmp_path / "s", cfg, clock=lambda: now[0])
+    await w.start()
+    w.submit(Conn(ts=day_start(DAYS[0]) + 10))
+    await w.flush()
+    now[0] = day_start(DAYS[1]) / US + 2 * 3600  # a day later, past the close grace
+    await asyncio.sleep(0.3)
+    entries = [e for _, e, _ in read_digests(tmp_path / "s" / "digests.log", None)]
+    assert any(e.day == DAYS[0] and e.event == "close" for e in entries)
+    w.submit(Conn(ts=day_start(DAYS[0]) + 20))  # a late record for the closed day
+    await w.close()
+    finals = [e for _, e, _ in read_digests(tmp_path / "s" / "digests.log", None) if e.day == DAYS[0] and e.event == "close"]
+    assert [f.batch for f in finals] == [0, 1]
+    assert verify_store(tmp_path / "s", now=now[0]).ok
+    assert len(list(query(tmp_path / "s", kind="conn"))) == 2
+
+
+async def test_retention_removes_whole_expired_days_at_rollover_and_signs_it(tmp_path):
+    s = tmp_path / "s"
+    write_records(s, [Conn(ts=day_start("2026-01-01")), Conn(ts=day_start("2026-03-01"))], clock=clock)
+    later = day_start("2026-03-05") / US + 60  # 2026-01-01 is 63 days old: beyond retention 60
+    w = RecordWriter(s, StoreConfig(retention_days=60), clock=lambda: later)
+    await w.start()
+    await w.close()
+    assert "2026-01-01" not in list_days(s) and "2026-03-01" in list_days(s)
+    entries = [e for _, e, _ in read_digests(s / "digests.log", None)]
+    assert any(e.day == "2026-01-01" and e.event == "expired" for e in entries)
+    rep = verify_store(s, now=later)
+    assert rep.ok and any("removed by retention" in n for n in rep.notes)
+
+
+async def test_forensic_days_are_never_expired(tmp_path):
+    s = tmp_path / "case"
+    write_records(s, [Conn(ts=day_start("2025-01-01"))], StoreConfig(forensic=True), clock=clock)
+    # a live writer (retention 60) opening the same directory keeps the imported day
+    w = RecordWriter(s, StoreConfig(retention_days=60), clock=clock)
+    await w.start()
+    await w.close()
+    assert list_days(s)[0] == "2025-01-01"
+
+
+async def test_disk_low_raises_an_alarm(tmp_path):
+    w = RecordWriter(tmp_path / "s", StoreConfig(disk_low_percent=100.0), clock=clock)
+    await w.start()
+    await w.close()
+    alarms = [a for a in kinds(tmp_path / "s", "alarm") if a.alarm_kind == "disk_low"]
+    assert len(alarms) == 1 and "free of" in alarms[0].detail
+
+
+async def test_one_writer_per_store(tmp_path):
+    from storage.config import StoreConfigError
+
+    a = RecordWriter(tmp_path / "s", StoreConfig(), clock=clock)
+    await a.start()
+    b = RecordWriter(tmp_path / "s", StoreConfig(), clock=clock)
+    with pytest.raises(StoreConfigError, match="another writer"):
+        await b.start()
+    await a.close()
+
+
+async def test_timezone_of_a_store_cannot_change(tmp_path):
+    from storage.config import StoreConfigError
+
+    write_records(tmp_path / "s", [Conn(ts=day_start(DAYS[0]))], clock=clock)
+    w = RecordWriter(tmp_path / "s", StoreConfig(timezone="UTC"), clock=clock)
+    with pytest.raises(StoreConfigError, match="Asia/Shanghai"):
+        await w.start()
+
+
+async def test_signed_checkpoints_of_an_open_day(tmp_path):
+    now = day_start(DAYS[0]) / US + 3600
+    w = RecordWriter(tmp_path / "s", StoreConfig(sign_interval_s=1, housekeeping_s=0.05), clock=lambda: now)
+    await w.start()
+    w.submit(Conn(ts=int(now * US)))
+    await w.flush()
+    w._days[DAYS[0]].last_sign -= 5  # as if the interval had passed
+    await asyncio.sleep(0.3)
+    entries = [e for _, e, _ in read_digests(tmp_path / "s" / "digests.log", None) if e.day == DAYS[0]]
+    assert entries and entries[0].event == "checkpoint"
+    await w.close()
+
+
+def test_alarm_times_come_from_the_clock(tmp_path):
+    cfg = StoreConfig(queue_max=1)
+
+    async def go():
+        w = RecordWriter(tmp_path / "s", cfg, clock=clock)
+        await w.start()
+        w.submit(Conn(ts=day_start(DAYS[0])))
+        w.submit(Conn(ts=day_start(DAYS[0])))
+        await w.close()
+
+    asyncio.run(go())
+    a = [r for r in query(tmp_path / "s", kind="alarm")][0]
+    assert isinstance(a, Alarm) and a.ts == int(NOW * US)
