@@ -45,6 +45,8 @@ GENERATOR_VERSION = 2
 T0 = 1_764_000_000_000_000
 TIMEOUT_S = 3600
 """Each measured command is stopped after this long (bounded run)."""
+HEARTBEAT_S = 15
+"""A progress line on stderr this often while a measured command runs."""
 
 TSHARK_FIELDS = ["frame.time_epoch", "ip.src", "ip.dst", "http.host", "http.request.method", "http.request.uri",
                  "dns.id", "dns.qry.name", "dns.cname"]
@@ -230,15 +232,22 @@ def timed(cmd: list[str], stdout_path: Path) -> tuple[float, int]:
     """Run ``cmd`` (bounded by TIMEOUT_S), stdout to a file; seconds and output lines."""
     log(f"  $ {' '.join(cmd)}")
     start = time.monotonic()
-    with open(stdout_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
-        try:
-            _, err = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise SystemExit(f"timed out after {TIMEOUT_S} s: {cmd[0]}") from None
+    err_path = stdout_path.with_suffix(".stderr")
+    with open(stdout_path, "wb") as out, open(err_path, "wb") as errf:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errf)
+        while True:
+            try:
+                proc.wait(timeout=HEARTBEAT_S)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - start
+                if elapsed > TIMEOUT_S:
+                    proc.kill()
+                    proc.wait()
+                    raise SystemExit(f"timed out after {TIMEOUT_S} s: {cmd[0]}") from None
+                log(f"    ... {elapsed:.0f} s, {os.path.getsize(stdout_path) / 1e6:.1f} MB of output so far")
     secs = time.monotonic() - start
+    err = err_path.read_bytes()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
     tail = err.decode(errors="replace").strip().splitlines()
@@ -278,12 +287,60 @@ def compare_readers(path: Path) -> None:
           f"{m / theirs / 1000:.0f} kpkt/s  (struct is {theirs / ours:.2f}x faster)")
 
 
+def cpu_split(path: Path, rules: Path, limit_mb: int) -> None:
+    """CPU time of the Engine's calls against the rest (reader, reassembly, HTTP
+    framing, DNS parsing, pairing) on the first ``limit_mb`` MB, in this process:
+    tells which part a speed-up has to come from."""
+    sys.path.insert(0, str(ROOT))
+    from proxy.pcap import CaptureStats, read_packets
+    from proxy.replay import Replay
+    from rules.engine import BodyScan, Engine
+
+    engine = Engine.from_dir(rules)
+    engine.scan_text("warm-up 中文")  # one-time table builds are not per-byte costs
+    spent = [0.0]
+
+    def timed_method(cls: type, name: str) -> None:
+        inner = getattr(cls, name)
+
+        def wrapper(*a: object, **k: object) -> object:
+            t = time.process_time()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[0] += time.process_time() - t
+
+        setattr(cls, name, wrapper)
+
+    for name in ("request_scanner", "response_scanner", "dns", "dns_chain", "tls"):
+        timed_method(Engine, name)
+    for name in ("feed", "finish"):
+        timed_method(BodyScan, name)
+    stats = CaptureStats()
+    replay = Replay(engine)
+    start = time.process_time()
+    with open(path, "rb") as f:
+        for pkt in read_packets(f, stats):
+            replay.packet(pkt)
+            if stats.bytes > limit_mb * 1_000_000:
+                break
+    replay.finish()
+    total = time.process_time() - start
+    adapter = total - spent[0]
+    mb = stats.bytes / 1e6
+    print(f"cpu split on the first {mb:.0f} MB: Engine {spent[0]:.1f} s ({spent[0] / total:.0%}), "
+          f"adapter {adapter:.1f} s ({adapter / total:.0%}); adapter alone: {mb / adapter:.0f} MB/s, "
+          f"Engine alone: {mb / spent[0]:.1f} MB/s (CPU seconds, one core)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=520, help="capture size to generate (default 520)")
     ap.add_argument("--regenerate", action="store_true", help="write the capture again even if present")
     ap.add_argument("--compare-readers", action="store_true", help="also time struct reader vs dpkt")
     ap.add_argument("--skip-tshark", action="store_true")
+    ap.add_argument("--split-mb", type=int, default=100,
+                    help="MB of the capture for the Engine/adapter CPU split (0 = skip; default 100)")
     ap.add_argument("--jobs", type=int, default=0,
                     help="also time `replay --jobs N` (0 = one per CPU, the default; 1 = skip)")
     args = ap.parse_args()
@@ -299,6 +356,8 @@ def main() -> int:
     print(f"capture: {cap} ({size / 1e6:.0f} MB)")
     if args.compare_readers:
         compare_readers(cap)
+    if args.split_mb:
+        cpu_split(cap, rules, args.split_mb)
 
     py = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
     base = [py, "-m", "linewarden", "replay", "--rules", str(rules), "--no-progress"]

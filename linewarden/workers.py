@@ -5,15 +5,16 @@ Owns: starting N DNS shim processes that share the listen port
 process in batches (``ChannelSink`` → ``ChannelReader`` → ``RecordWriter.submit``),
 and their orderly stop. Must not: decide anything about traffic or write SQL.
 
-Why processes: measured on the 2-core test machine (benchmarks/bench_dns.py),
-the store writer (encoding, chain hashing, SQLite) costs ~28 µs of CPU per
-record and shares the GIL with whatever runs in its process; a shim in the
-writer's process answered 16k cache hits/s, the same shim in its own process
-over 35k. So the writer stays in the main process and DNS is answered
-elsewhere; with ``dns.workers = 2`` two shims split the port. The kernel
-spreads datagrams over the group with a classic-BPF program returning a random
-index (SO_ATTACH_REUSEPORT_CBPF): the default 4-tuple hash would put every
-query of one client (or of a benchmark with 4 source ports) on one worker.
+Why processes: the store writer (encoding, chain hashing, SQLite) costs tens of
+microseconds of CPU per record and shares the GIL with whatever runs in its
+process, so its group commits stall an in-process shim. Measured with
+``benchmarks/bench_dns.py --workers 0`` against ``--workers 2`` on the shared
+2-core machine: cache hits 22.9k vs 24.3k queries/s, misses 8.0k vs 9.3k, and
+the misses' p99 latency 204 ms vs 55 ms. So the writer stays in the main process
+and DNS is answered elsewhere; with ``dns.workers = 2`` two shims split the port.
+The kernel spreads datagrams over the group with a classic-BPF program returning
+a random index (SO_ATTACH_REUSEPORT_CBPF): the default 4-tuple hash would put
+every query of one client (or of a benchmark with 4 source ports) on one worker.
 
 Channel format: frames of a 4-byte big-endian length, one type byte and a
 payload: ``H`` + JSON hello (pid, bound addresses), ``R`` + msgpack list of
@@ -38,6 +39,7 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -62,6 +64,10 @@ START_TIMEOUT_S = 60.0
 """A worker must compile the rule set and bind within this, or start fails."""
 STOP_TIMEOUT_S = 10.0
 """A worker gets this long after SIGTERM to flush before it is killed."""
+RESTART_DELAY_S = 0.5
+"""Wait before starting a worker again after it died (doubling up to the max on failures),
+so a worker that dies at once does not spin."""
+RESTART_DELAY_MAX_S = 30.0
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_AD_RANDOM = -0x1000 + 56
@@ -162,9 +168,11 @@ class _SinkProtocol(asyncio.Protocol):
 class ChannelReader(asyncio.Protocol):
     """Main-process side of one worker's channel: frames → ``writer.submit``."""
 
-    def __init__(self, writer: Any, worker: WorkerHandle) -> None:
+    def __init__(self, writer: Any, worker: WorkerHandle,
+                 on_lost: Callable[[WorkerHandle], None] | None = None) -> None:
         self.writer = writer
         self.worker = worker
+        self.on_lost = on_lost
         self.buf = bytearray()
         self.closed = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
@@ -210,6 +218,8 @@ class ChannelReader(asyncio.Protocol):
             self.worker.ready.set_exception(RuntimeError("dns worker exited before it was ready"))
         if not self.closed.done():
             self.closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost(self.worker)
 
 
 @dataclass
@@ -247,6 +257,10 @@ class DnsWorkers:
         self.spec = replace(spec, dns=replace(spec.dns, sinkhole=dict(spec.dns.sinkhole)))
         self.writer = writer
         self.workers: list[WorkerHandle] = []
+        self.restarts = 0
+        """Workers started again after they died."""
+        self._stopping = False
+        self._restarts: set[asyncio.Task[None]] = set()
 
     @property
     def udp_address(self) -> tuple[Any, ...] | None:
@@ -257,8 +271,6 @@ class DnsWorkers:
         return self.workers[0].tcp_address if self.workers else None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        ctx = multiprocessing.get_context("spawn")
         spec = self.spec
         try:
             for i in range(spec.count):
@@ -267,23 +279,67 @@ class DnsWorkers:
                     host = spec.dns.listen.rsplit(":", 1)[0]
                     port = self.workers[0].udp_address[1]  # type: ignore[index]
                     spec = replace(spec, dns=replace(spec.dns, listen=f"{host}:{port}"))
-                parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                h = WorkerHandle(i)
-                proc = ctx.Process(target=worker_main, args=(spec, i, child),
-                                   name=f"linewarden-dns-{i}", daemon=False)
-                proc.start()
-                child.close()
-                h.process = proc
-                _, h.reader = await loop.connect_accepted_socket(
-                    lambda h=h: ChannelReader(self.writer, h), parent)
-                self.workers.append(h)
-                await asyncio.wait_for(h.ready, START_TIMEOUT_S)
+                self.workers.append(await self._spawn(spec, i))
         except BaseException:
             await self.stop()
             raise
+        self.spec = spec  # with the bound port: a restarted worker joins the same one
         log.info("dns: %d worker process(es) on %s", len(self.workers), self.udp_address)
 
+    async def _spawn(self, spec: WorkerSpec, index: int) -> WorkerHandle:
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        h = WorkerHandle(index)
+        proc = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=(spec, index, child), name=f"linewarden-dns-{index}")
+        proc.start()
+        child.close()
+        h.process = proc
+        _, h.reader = await loop.connect_accepted_socket(
+            lambda: ChannelReader(self.writer, h, self._lost), parent)
+        try:
+            await asyncio.wait_for(asyncio.shield(h.ready), START_TIMEOUT_S)
+        except BaseException:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGKILL)
+            raise
+        return h
+
+    def _lost(self, h: WorkerHandle) -> None:
+        """A worker's channel closed. During ``stop`` that is the plan; otherwise it
+        died (crash, OOM kill): start another in its place so the port keeps answering."""
+        if self._stopping or h not in self.workers:
+            return
+        log.error("dns worker %d (pid %s) exited; restarting it", h.index,
+                  h.process.pid if h.process else "?")
+        task = asyncio.get_running_loop().create_task(self._restart(h))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, h: WorkerHandle) -> None:
+        delay = RESTART_DELAY_S
+        loop = asyncio.get_running_loop()
+        if h.process is not None:
+            await loop.run_in_executor(None, h.process.join, 5)
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                new = await self._spawn(self.spec, h.index)
+            except Exception as e:
+                log.error("restarting dns worker %d failed: %s", h.index, e)
+                delay = min(delay * 2, RESTART_DELAY_MAX_S)
+                continue
+            if self._stopping:
+                self.workers.append(new)  # stop() is running: let it stop this one too
+                return
+            self.workers[self.workers.index(h)] = new
+            self.restarts += 1
+            return
+
     async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._restarts):
+            task.cancel()
         for h in self.workers:
             if h.process is not None and h.process.is_alive() and h.process.pid:
                 os.kill(h.process.pid, signal.SIGTERM)

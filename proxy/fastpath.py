@@ -40,7 +40,7 @@ from proxy.original_dst import original_dst
 from proxy.relay import Side, splice, spliced
 from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, NeedMoreData, looks_like_tls, parse_client_hello
 from rules.errors import InputError
-from rules.verdict import Verdict
+from rules.verdict import ACTIONS, Verdict
 from storage.records import Record
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ class FastPath:
             self._server = None
 
     def _accepted(self) -> Side:
-        side = _AcceptedSide(self)
-        return side
+        return _AcceptedSide(self)
 
     # -- one connection ---------------------------------------------------------
 
@@ -442,8 +441,6 @@ class ConnState:
 
     def note(self, verdict: Verdict) -> None:
         """Fold a decision into the connection's action and rule ids."""
-        from rules.verdict import ACTIONS
-
         if ACTIONS.index(verdict.action) > ACTIONS.index(self.action):  # type: ignore[arg-type]
             self.action = verdict.action
         for rid in verdict.rule_ids:

@@ -326,6 +326,7 @@ class HttpExchange:
         wants_continue = b"100-continue" in _tokens(head.headers, b"expect")
         held: list[bytes] = []
         held_n = 0
+        lag = b""
         upstream: Side | None = None
         answered_continue = False
         while True:
@@ -344,7 +345,10 @@ class HttpExchange:
                     return self._block(tx, keep=req_keep and drained)
                 piece = frame(ev.data, chunked)
                 if upstream is not None:
-                    upstream.write(piece)
+                    # Past the cap: streamed one piece behind, so that the piece that
+                    # completes the request leaves only after the final verdict.
+                    upstream.write(lag)
+                    lag = piece
                     await upstream.drain()
                     continue
                 held.append(piece)
@@ -358,11 +362,14 @@ class HttpExchange:
                     upstream = await self._upstream_for(dst)
                     if upstream is None:
                         return self._gateway_error(tx, 502, "cannot reach the server")
+                    lag = held.pop()
                     upstream.write(self._request_head(head, answered_continue) + b"".join(held))
                     held.clear()
                     await upstream.drain()
             elif isinstance(ev, EndOfMessage):
-                tx.req_verdict = scan.finish()
+                if tx.req_bytes:
+                    tx.req_verdict = self._fail_policy(scan.finish())
+                # else: no body, nothing for the decoder to flush: the head verdict is final.
                 if tx.req_verdict.action == "block":
                     if upstream is not None:
                         self._drop_upstream(abort=True)
@@ -374,7 +381,7 @@ class HttpExchange:
                         return self._gateway_error(tx, 502, "cannot reach the server")
                     upstream.write(self._request_head(head, answered_continue) + b"".join(held) + tail)
                 else:
-                    upstream.write(tail)
+                    upstream.write(lag + tail)
                 break
             elif isinstance(ev, ParseError):
                 self._drop_upstream(abort=True)
@@ -451,7 +458,7 @@ class HttpExchange:
                     await client.drain()
             elif isinstance(ev, EndOfMessage):
                 if rscan is not None:
-                    tx.resp_verdict = rscan.finish()
+                    tx.resp_verdict = self._fail_policy(rscan.finish())
                     if tx.resp_verdict.action == "block":
                         return self._response_blocked(tx, holding, req_keep)
                 tail = b"0\r\n\r\n" if chunked else b""
@@ -476,6 +483,17 @@ class HttpExchange:
             self.state.close_reason = "fin"
             return False
         return req_keep
+
+    def _fail_policy(self, verdict: Verdict) -> Verdict:
+        """``fail = "closed"``: a body that could not be fully decoded or scanned (a
+        gzip bomb past the decode cap, a corrupt coding) is blocked, not waved through."""
+        if self.fp.config.fail != "closed" or verdict.action == "block":
+            return verdict
+        if not (verdict.truncated or verdict.errors):
+            return verdict
+        why = "fail-closed: " + ("; ".join(verdict.errors) or "not fully scanned")
+        return Verdict("block", verdict.matches, verdict.ruleset_version, verdict.truncated,
+                       verdict.errors + (why[:200],))
 
     # -- endings -------------------------------------------------------------------
 

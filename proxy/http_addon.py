@@ -139,6 +139,7 @@ class LinewardenHttp:
         self.over_cap = "stream"
         self.scan_media = False
         self.blocked_by: str | None = None
+        self.fail = "open"
 
     @property
     def engine(self) -> object:
@@ -162,6 +163,10 @@ class LinewardenHttp:
             "Scan image/audio/video/font bodies too (default: stream them untouched).",
         )
         loader.add_option(
+            "linewarden_fail", str, "open",
+            "A body that could not be fully decoded or scanned: 'open' (pass, record) or 'closed' (451).",
+        )
+        loader.add_option(
             "linewarden_blocked_by", str, "",
             'URI for the 451 page\'s Link: rel="blocked-by" header (RFC 7725); empty: none.',
         )
@@ -174,6 +179,8 @@ class LinewardenHttp:
         if "linewarden_over_cap" in updated and o.linewarden_over_cap not in ("stream", "block"):
             raise exceptions.OptionsError(
                 f"linewarden_over_cap must be 'stream' or 'block', got {o.linewarden_over_cap!r}")
+        if "linewarden_fail" in updated and o.linewarden_fail not in ("open", "closed"):
+            raise exceptions.OptionsError(f"linewarden_fail must be 'open' or 'closed', got {o.linewarden_fail!r}")
         if "linewarden_blocked_by" in updated and any(c in o.linewarden_blocked_by for c in " <>\r\n"):
             raise exceptions.OptionsError(f"linewarden_blocked_by is not a URI: {o.linewarden_blocked_by!r}")
         self.request_hold_max = o.linewarden_request_hold_max
@@ -181,6 +188,7 @@ class LinewardenHttp:
         self.over_cap = o.linewarden_over_cap
         self.scan_media = o.linewarden_scan_media
         self.blocked_by = o.linewarden_blocked_by or None
+        self.fail = o.linewarden_fail
 
     # -- connection facts ---------------------------------------------------------
 
@@ -269,7 +277,7 @@ class LinewardenHttp:
         body = flow.request.raw_content
         if body:
             st.req_verdict = st.req_scan.feed(body)  # type: ignore[attr-defined]
-        st.req_verdict = st.req_scan.finish()  # type: ignore[attr-defined]
+        st.req_verdict = self._fail_policy(st.req_scan.finish())  # type: ignore[attr-defined]
         if st.req_verdict.action == "block":
             self._block(flow, st)
 
@@ -309,7 +317,7 @@ class LinewardenHttp:
                 st.streamed.append("response (unknown length past the hold window)")
             else:
                 st.resp_scan.feed(resp.raw_content)  # type: ignore[attr-defined]
-                st.resp_verdict = st.resp_scan.finish()  # type: ignore[attr-defined]
+                st.resp_verdict = self._fail_policy(st.resp_scan.finish())  # type: ignore[attr-defined]
                 if st.resp_verdict.action == "block":
                     self._block(flow, st)
                     return
@@ -319,6 +327,14 @@ class LinewardenHttp:
         st: _FlowState | None = flow.metadata.get(META)
         if st is not None and not st.blocked:
             self._record(flow, st, error=flow.error.msg if flow.error else "error")
+
+    def _fail_policy(self, verdict: Verdict) -> Verdict:
+        """``linewarden_fail = closed``: what could not be fully scanned is blocked."""
+        if self.fail != "closed" or verdict.action == "block" or not (verdict.truncated or verdict.errors):
+            return verdict
+        why = "fail-closed: " + ("; ".join(verdict.errors) or "not fully scanned")
+        return Verdict("block", verdict.matches, verdict.ruleset_version, verdict.truncated,
+                       verdict.errors + (why[:200],))
 
     # -- endings -------------------------------------------------------------------
 

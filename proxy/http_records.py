@@ -1,6 +1,6 @@
 """Record builders shared by the two HTTP/TLS paths (fast path and mitmproxy addon).
 
-Owns: connection ids, the Community ID flow hash, and turning what an adapter
+Owns: connection ids, and turning what an adapter
 saw (addresses, head fields, byte counts, the Engine's ``Verdict``) into
 ``storage.records`` ``Conn`` / ``Http`` / ``Tls`` records. Both paths call
 these functions, so the same transaction gives the same record whichever path

@@ -139,6 +139,7 @@ class HttpProxyService:
             linewarden_over_cap=fp.over_cap,
             linewarden_scan_media=fp.scan_media,
             linewarden_blocked_by=fp.blocked_by or "",
+            linewarden_fail=fp.fail,
         )
         self.master, self.addon = master, addon
         self._master_task = asyncio.get_running_loop().create_task(master.run())

@@ -380,7 +380,7 @@ def decode(frame: Frame, stats: CaptureStats) -> Packet | None:
             stats.skip("truncated-link")
             return None
         etype = _H(data, 14)[0]
-        if _H(data, 4)[0] == 6:  # ARPHRD_ETHER: the address field is a MAC
+        if _H(data, 4)[0] == 6:  # a 6-byte link-layer address: the sender's MAC
             mac = data[6:12]
         off = 16
     elif linktype == SLL2:
@@ -388,7 +388,7 @@ def decode(frame: Frame, stats: CaptureStats) -> Packet | None:
             stats.skip("truncated-link")
             return None
         etype = _H(data, 0)[0]
-        if data[11] == 6:
+        if data[11] == 6:  # address length 6: a MAC
             mac = data[12:18]
         off = 20
     elif linktype in (RAW, 12, 14, RAW4, RAW6):

@@ -14,6 +14,16 @@ returns what was still open at the end. Bad traffic never raises out of here:
 a malformed DNS message, a broken HTTP stream or a non-TLS byte on 443 is counted
 in ``ReplayStats`` and, where a transaction was under way, noted in its
 ``Decision.errors``; later packets are still handled (STYLE.md 5).
+
+HTTP pairing: the server's bytes are held until a request is waiting for them, so
+a response's framing (no body after HEAD) is known even when capture order is
+skewed. After missing bytes or a framing error, a direction is parsed again from
+the next start line; a request head lost that way still takes its index, so the
+responses that follow pair with the right requests.
+
+Parallel replay: ``Replay(shard=(k, n))`` decides only the flows with
+``(sport + dport) % n == k`` (symmetric, so both directions of a flow land in the
+same shard); ``linewarden replay --jobs n`` runs n of them in worker processes.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -838,6 +848,16 @@ class Replay:
         self.stats = ReplayStats()
         self._tcp: dict[tuple[bytes, int, bytes, int], _TcpConn] = {}
         self._udp: dict[tuple[bytes, int, bytes, int], _UdpFlow] = {}
+        # Flows by last activity, oldest first (moved to the end on each packet), so
+        # idle timeouts and eviction look only at the oldest: O(1) per packet, not a
+        # scan of the whole table.
+        self._tcp_active: OrderedDict[_TcpConn, None] = OrderedDict()
+        self._udp_active: OrderedDict[_UdpFlow, None] = OrderedDict()
+        self._time_wait: OrderedDict[_TcpConn, None] = OrderedDict()
+        """Closed connections, in closing order, kept ``time_wait_us``."""
+        self._dns_deadlines: deque[tuple[int, _Flow, int]] = deque()
+        """(query time, flow, id) of DNS queries, in capture order: unanswered ones
+        are decided ``dns_answer_us`` later."""
         self._now = 0
         self._next_sweep = 0
         self.resolved: dict[tuple[str, str], str] = {}
@@ -870,10 +890,11 @@ class Replay:
     def finish(self) -> list[Output]:
         """End of input: close every open flow (deciding what it still holds)."""
         out: list[Output] = []
-        for conn in list(self._unique(self._tcp)):
+        for conn in list(self._tcp_active) + list(self._time_wait):
             self._drop_tcp(conn, out, "end of capture")
-        for flow in list(self._unique(self._udp)):
+        for flow in list(self._udp_active):
             self._drop_udp(flow, out, "end of capture")
+        self._dns_deadlines.clear()
         return out
 
     def run(self, packets: Iterable[Packet]) -> Iterator[Output]:
@@ -881,14 +902,6 @@ class Replay:
         for pkt in packets:
             yield from self.packet(pkt)
         yield from self.finish()
-
-    @staticmethod
-    def _unique(table: dict[Any, Any]) -> Iterator[Any]:
-        seen: set[int] = set()
-        for flow in table.values():
-            if id(flow) not in seen:
-                seen.add(id(flow))
-                yield flow
 
     def _tcp_packet(self, pkt: Packet, out: list[Output]) -> None:
         key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
@@ -910,8 +923,13 @@ class Replay:
             conn = _TcpConn(self, pkt, from_client)
             self._add(self._tcp, pkt, conn, out)
             self.stats.tcp_flows += 1
+        else:
+            self._tcp_active.move_to_end(conn)
         from_client = (pkt.src, pkt.sport) == conn.client
         conn.packet(pkt, from_client, out)
+        if conn.closed:
+            del self._tcp_active[conn]
+            self._time_wait[conn] = None
 
     @staticmethod
     def _tcp_client_side(pkt: Packet) -> bool:
@@ -934,6 +952,8 @@ class Replay:
             flow = _UdpFlow(self, pkt, from_client)
             self._add(self._udp, pkt, flow, out)
             self.stats.udp_flows += 1
+        else:
+            self._udp_active.move_to_end(flow)
         from_client = (pkt.src, pkt.sport) == flow.client
         flow.last_ts = pkt.ts
         if from_client:
@@ -943,11 +963,15 @@ class Replay:
         self._dns_message(flow, pkt.payload, pkt.ts, from_client, "udp", out)
 
     def _add(self, table: dict[Any, Any], pkt: Packet, flow: _Flow, out: list[Output]) -> None:
-        if (len(self._tcp) + len(self._udp)) // 2 >= self.limits.max_flows:
+        if len(self._tcp_active) + len(self._udp_active) + len(self._time_wait) >= self.limits.max_flows:
             self._evict(out)
         flow.keys = ((pkt.src, pkt.sport, pkt.dst, pkt.dport), (pkt.dst, pkt.dport, pkt.src, pkt.sport))
         for key in flow.keys:
             table[key] = flow
+        if isinstance(flow, _TcpConn):
+            self._tcp_active[flow] = None
+        else:
+            self._udp_active[flow] = None
 
     @staticmethod
     def _forget(table: dict[Any, Any], flow: _Flow) -> None:
@@ -957,40 +981,62 @@ class Replay:
 
     def _drop_tcp(self, conn: _TcpConn, out: list[Output], reason: str) -> None:
         conn._close(out, reason)
+        self._tcp_active.pop(conn, None)
+        self._time_wait.pop(conn, None)
         self._forget(self._tcp, conn)
 
     def _drop_udp(self, flow: _UdpFlow, out: list[Output], reason: str) -> None:
         self._dns_flush(flow, out, None)
         flow.closed = True
+        self._udp_active.pop(flow, None)
         self._forget(self._udp, flow)
         if self.want_conns:
             out.append(flow.summary(reason))
 
     def _sweep(self, out: list[Output]) -> None:
-        """Close idle flows and decide unanswered DNS queries (capture time)."""
+        """Close idle flows and decide unanswered DNS queries (capture time); only
+        the oldest entries of each ordered table are looked at."""
         now, lim = self._now, self.limits
-        for conn in list(self._unique(self._tcp)):
-            if conn.closed:
-                if now - conn.last_ts > lim.time_wait_us:
-                    self._forget(self._tcp, conn)
-            elif now - conn.last_ts > lim.tcp_idle_us:
-                self._drop_tcp(conn, out, "timeout")
-            elif conn.dns_pending:
-                self._dns_flush(conn, out, now - lim.dns_answer_us)
-        for flow in list(self._unique(self._udp)):
-            if now - flow.last_ts > lim.udp_idle_us:
-                self._drop_udp(flow, out, "timeout")
-            elif flow.dns_pending:
-                self._dns_flush(flow, out, now - lim.dns_answer_us)
+        while self._time_wait:
+            conn = next(iter(self._time_wait))
+            if now - conn.last_ts <= lim.time_wait_us:
+                break
+            self._drop_tcp(conn, out, conn.reason)
+        while self._tcp_active:
+            conn = next(iter(self._tcp_active))
+            if now - conn.last_ts <= lim.tcp_idle_us:
+                break
+            self._drop_tcp(conn, out, "timeout")
+        while self._udp_active:
+            flow = next(iter(self._udp_active))
+            if now - flow.last_ts <= lim.udp_idle_us:
+                break
+            self._drop_udp(flow, out, "timeout")
+        deadlines = self._dns_deadlines
+        while deadlines and now - deadlines[0][0] > lim.dns_answer_us:
+            qts, owner, dns_id = deadlines.popleft()
+            pending = owner.dns_pending  # type: ignore[attr-defined]
+            if not owner.closed and dns_id in pending and pending[dns_id][0] == qts:
+                self._dns_unanswered(owner, dns_id, out)
 
     def _evict(self, out: list[Output]) -> None:
-        flows = sorted(list(self._unique(self._tcp)) + list(self._unique(self._udp)), key=lambda f: f.last_ts)
-        for f in flows[: max(1, len(flows) // 10)]:
-            self.stats.evicted_flows += not f.closed
-            if isinstance(f, _TcpConn):
-                self._drop_tcp(f, out, "evicted")
+        """The flow table is full: close the least recently active tenth
+        (closed connections in TIME-WAIT first: they hold nothing undecided)."""
+        total = len(self._tcp_active) + len(self._udp_active) + len(self._time_wait)
+        for _ in range(max(1, total // 10)):
+            if self._time_wait:
+                conn = next(iter(self._time_wait))
+                self._drop_tcp(conn, out, conn.reason)
+                continue
+            tcp = next(iter(self._tcp_active), None)
+            udp = next(iter(self._udp_active), None)
+            if tcp is None and udp is None:
+                return
+            self.stats.evicted_flows += 1
+            if udp is None or (tcp is not None and tcp.last_ts <= udp.last_ts):
+                self._drop_tcp(tcp, out, "evicted")  # type: ignore[arg-type]
             else:
-                self._drop_udp(f, out, "evicted")
+                self._drop_udp(udp, out, "evicted")
 
     # -- DNS ---------------------------------------------------------------
 
@@ -1021,6 +1067,7 @@ class Replay:
                 return
             pending[dns_id] = (ts, qname, qtype, flow.index)
             flow.index += 1
+            self._dns_deadlines.append((ts, flow, dns_id))
             return
         if rcode == 0 and answers:
             self._remember(flow.cip, qname, answers)
@@ -1060,12 +1107,15 @@ class Replay:
     def _dns_flush(self, flow: _Flow, out: list[Output], older_than: int | None) -> None:
         """Decide queries that got no answer (all, or those asked before ``older_than``)."""
         pending: dict[int, tuple[int, str, int, int]] = flow.dns_pending  # type: ignore[attr-defined]
-        for dns_id, (qts, qname, qtype, index) in sorted(pending.items(), key=lambda kv: kv[1][3]):
-            if older_than is not None and qts >= older_than:
-                continue
-            del pending[dns_id]
-            out.append(flow.decision("dns", qts, [self.engine.dns(qname, qtype)], index=index, qname=qname,
-                                     qtype=qtype, dns_id=dns_id, transport=flow.proto))
+        for dns_id, (qts, _, _, _) in sorted(pending.items(), key=lambda kv: kv[1][3]):
+            if older_than is None or qts < older_than:
+                self._dns_unanswered(flow, dns_id, out)
+
+    def _dns_unanswered(self, flow: _Flow, dns_id: int, out: list[Output]) -> None:
+        pending: dict[int, tuple[int, str, int, int]] = flow.dns_pending  # type: ignore[attr-defined]
+        qts, qname, qtype, index = pending.pop(dns_id)
+        out.append(flow.decision("dns", qts, [self.engine.dns(qname, qtype)], index=index, qname=qname,
+                                 qtype=qtype, dns_id=dns_id, transport=flow.proto))
 
 
 _SERVER_PORTS = frozenset({80, 443, 53, 8080, 8000, 8443, 3128})

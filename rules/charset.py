@@ -6,7 +6,8 @@ order of corpus/README.md "How labels were decided" step 3, the bounded sniff bu
 the incremental decoder that applies the choice.
 
 Must not: raise on undecodable input (it recovers and records an error string), hold
-more than ``sniff_bytes`` of input, or know about content codings or containers.
+more than ``sniff_bytes`` of input (or the 1024 bytes a ``<meta>`` may need, if more), or
+know about content codings or containers.
 
 Order (first that applies wins):
 1. a byte order mark (UTF-8, UTF-16LE, UTF-16BE) - WHATWG "decode": "BOM sniffing wins";

@@ -202,6 +202,8 @@ class _BrotliLayer(_Layer):
             if obj.can_accept_more_data():
                 return
             out = obj.process(b"", output_buffer_limit=PIECE_BYTES)
+            if not out and not obj.can_accept_more_data():
+                raise _LayerError("decoder made no progress")  # never loop forever
 
     def _salvage(self, data: bytes) -> Iterator[bytes]:
         """Replay the first slice byte by byte to keep the output before the damage."""

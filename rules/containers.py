@@ -38,7 +38,7 @@ JSON_ESCAPE_CARRY = 12
 
 @dataclass(frozen=True, slots=True)
 class Text:
-    """Contiguous text of the current run."""
+    """Contiguous text of the current run; a ``RUN_BREAK`` inside it ends the run there."""
 
     where: str
     """Where the text came from: ``body``, ``json``, ``form:<name>``, ``multipart:<name>``,
@@ -54,9 +54,14 @@ class Break:
 type Event = Text | Break
 BREAK = Break()
 
+RUN_BREAK = "\x00"
+"""Inside ``Text.text``, ends the run like a ``Break`` event. Decoded text never
+holds it (NUL is dropped from markup text; keywords cannot contain it), so the
+Engine can stream many runs through one matcher call without a match spanning two."""
+
 _new_object = object.__new__
-_set_where = Text.where.__set__  # type: ignore[attr-defined]
-_set_text = Text.text.__set__  # type: ignore[attr-defined]
+_set_where = Text.where.__set__  # type: ignore[attr-defined,misc]
+_set_text = Text.text.__set__  # type: ignore[attr-defined,misc]
 
 
 def text_event(where: str, text: str) -> Text:
@@ -125,8 +130,13 @@ class Html(PlainText):
         return self._events(pieces)
 
     def _events(self, pieces: list[str | None]) -> list[Event]:
-        where = self.where
-        return [BREAK if piece is None else text_event(where, piece) for piece in pieces]
+        # One event per feed, run breaks inline as RUN_BREAK: pages have a block tag
+        # every ~100 bytes, and an event (and a matcher call) per run would cost more
+        # than all the decoding (benchmarks/bench_matcher.py).
+        if not pieces:
+            return []
+        joined = "".join([RUN_BREAK if piece is None else piece for piece in pieces])
+        return [text_event(self.where, joined)]
 
 
 class FormUrlencoded:

@@ -4,8 +4,9 @@ decided", "Decoding order of a body").
 
 Owns: ``BodyDecoder`` (the composition), ``DecodeLimits`` (every bound of the decoding
 layer, named and explained), the choice of container by media type (and by sniffing when
-there is no Content-Type), and the public run events ``Text``/``Break``. Re-exports the
-request-target helpers ``target_runs``, ``host_of`` and ``idna_text`` (``rules.target``).
+there is no Content-Type). Re-exports the run events ``Text``/``Break`` (defined in
+``rules.containers``, whose readers make them) and the request-target helpers
+``target_runs``, ``host_of`` and ``idna_text`` (``rules.target``).
 
 Must not: raise on bad traffic (damage is recorded in ``errors``; the cap in
 ``truncated``), hold memory in proportion to the body, or normalise and match (the
@@ -20,9 +21,9 @@ Which bodies are text (``container_for``):
 * skipped (no runs): JavaScript and CSS (code, like ``<script>``/``<style>`` in a page),
   ``image/*``, ``video/*``, ``audio/*``, ``font/*``, ``application/octet-stream``,
   archives, PDF and every other type;
-* no Content-Type: sniffed from the first bytes like WHATWG MIME Sniffing 7.1 - HTML
-  signatures are HTML, known binary signatures or binary bytes are skipped, the rest is
-  plain text.
+* no Content-Type (requests and responses alike): sniffed from the first 512 bytes like
+  WHATWG MIME Sniffing 7.1 - HTML signatures are HTML, known binary signatures or binary
+  bytes are skipped, a JSON object or array is JSON, the rest is plain text.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ type Container = PlainText | Html | FormUrlencoded | Multipart | JsonStrings
 _HTML_START = re.compile(
     rb"\s*<(?:!doctype html|html|head|script|iframe|h1|div|font|table|a|style|title|b|"
     rb"body|br|p|!--)[ >]", re.IGNORECASE)
+_JSON_START = re.compile(rb'\s*(?:\{\s*(?:"|\}|\Z)|\[\s*(?:["{\[\]0-9-]|true|false|null|\Z))')
 _BINARY_MAGIC = (b"\x89PNG", b"GIF8", b"\xff\xd8\xff", b"%PDF-", b"PK\x03\x04",
                  b"\x1f\x8b", b"RIFF", b"\x00\x00\x01\x00", b"BM", b"OggS", b"fLaC",
                  b"wOFF", b"wOF2", b"\x1a\x45\xdf\xa3", b"Rar!", b"7z\xbc\xaf")
@@ -84,11 +86,15 @@ _BINARY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
 
 def sniff_media_type(prefix: bytes) -> str:
     """A media type for a body without Content-Type (WHATWG MIME Sniffing 7.1, reduced):
-    ``text/html``, ``application/octet-stream`` or ``text/plain``."""
+    ``text/html``, ``application/octet-stream``, ``application/json`` (a body opening like
+    a JSON object or array: APIs parse it as JSON whatever the header says) or
+    ``text/plain``."""
     if prefix.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
         return "text/plain"
     if _HTML_START.match(prefix):
         return "text/html"
+    if _JSON_START.match(prefix):
+        return "application/json"
     if prefix.startswith(_BINARY_MAGIC) or _BINARY_BYTES.search(prefix, 0, SNIFF_MEDIA_BYTES):
         return "application/octet-stream"
     return "text/plain"

@@ -111,7 +111,7 @@ def parse_domain_pattern(text: str) -> DomainPattern:
         mode, s = "strict-sub", s[2:]
     elif s == "*":
         raise ValueError("a bare '*' would match every name")
-    s = _PORT.sub("", s).lower()
+    s = (_PORT.sub("", s) if ":" in s else s).lower()
     if s.endswith("."):
         s = s[:-1]  # one root dot; "a.." stays and is reported as an empty label
     if not s:

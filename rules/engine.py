@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rules.containers import RUN_BREAK
 from rules.decode import BodyDecoder, Break, DecodeLimits, Text
 from rules.domains import DomainMatcher
 from rules.matcher import KeywordMatcher
@@ -210,12 +211,10 @@ class BodyScan:
         )
 
 
-RUN_BREAK = "\x00"
-"""Fed to the keyword stream where a text run ends. Keywords cannot contain it
-(rules/ruleset.py refuses NUL) and normalisation keeps it, so no match spans
-it; one stream per message then serves every run, which costs far less than a
-stream reset per paragraph (pages have a block tag every few hundred bytes).
-Decoders may also put it inside ``Text`` to end runs without an event each."""
+# RUN_BREAK is fed to the keyword stream where a text run ends. Keywords cannot
+# contain it (rules/ruleset.py refuses NUL) and normalisation keeps it, so no
+# match spans it; one stream per message then serves every run, which costs far
+# less than a stream reset per paragraph. Decoders put it inside ``Text`` too.
 
 
 class _RunScanner:

@@ -16,11 +16,14 @@ fast search), splits a chunk into text and markup in C. Each markup match is one
 complete comment or bogus comment, a complete raw-text element (script/style...), a
 block tag (captured in ``brk``: it ends the run), any other tag (removed without a
 break), or a *stop*: the start of something not finished in this chunk. The text between
-matches is joined with a break marker where a block tag stood, and character references
-are decoded per text piece (never across a removed tag: a browser ends a reference at
-``<``). At a stop, the rest is carried to the next ``feed``; an unfinished comment or
-raw-text element switches to a state that discards its contents, keeping only a short
-tail, so memory stays bounded.
+matches is joined with a break marker where a block tag stood and a separator where any
+other markup stood, so that character references are decoded in one pass but never across
+removed markup (a browser ends a reference at ``<``). At a stop, the rest is carried to
+the next ``feed``; an unfinished comment or raw-text element switches to a state that
+discards its contents, keeping only a short tail, so memory stays bounded.
+
+Script and style contents vanish without a break: a reader sees ``六<script>..</script>合``
+as contiguous text. Runs holding only whitespace between two breaks are not emitted.
 
 Known simplifications (documented best effort): ``<title>``/``<textarea>`` contents are
 parsed as markup rather than RCDATA (they still form their own run); the script-data
@@ -103,13 +106,16 @@ def _trie(words: frozenset[str]) -> str:
 
 _BLOCK_NAMES = _trie(BLOCK_ELEMENTS)
 
+# Alternatives are disjoint (tags start with a letter or "/" + letter and exclude the
+# raw-text names; comments with "!"), so their order only matters for speed: tags, the
+# commonest markup, are tried first. The stop alternative must stay last.
 _MARKUP = re.compile(
     "(<(?:"
-    "!--(?:-?>|.*?--!?>)"                       # comment (13.2.5.43-52), incl. <!--> and <!--->
+    f"(?P<brk>/?(?:{_BLOCK_NAMES}){_END}){_ATTRS}>"   # block tag: ends the run
+    f"|(?:/[A-Za-z]|(?!(?:{_RAW_NAMES}){_END})[A-Za-z])[^{_WS}/>]*+{_ATTRS}>"  # other tag
+    "|!--(?:-?>|.*?--!?>)"                       # comment (13.2.5.43-52), incl. <!--> and <!--->
     f"|{_RAW_COMPLETE}"                         # a whole script/style/... element
     "|!(?!--)[^>]*+>|\\?[^>]*+>|/(?![A-Za-z])[^>]*+>"  # bogus comments, </>
-    f"|(?P<brk>/?(?:{_BLOCK_NAMES}){_END}){_ATTRS}>"   # block tag: ends the run
-    f"|(?:/[A-Za-z]|(?!(?:{_RAW_NAMES}){_END})[A-Za-z])[^{_WS}/>]*+{_ATTRS}>"  # other tag
     f"|(?P<stop>!--|(?:{_RAW_NAMES}){_END}{_ATTRS}>|[!?/A-Za-z]|\\Z)"  # unfinished here
     "))",
     re.IGNORECASE | re.ASCII | re.DOTALL,  # tag names are ASCII case-insensitive

@@ -91,6 +91,9 @@ class ParseError:
     offset: int
     """Byte offset in the stream (for a bad head: where that head starts)."""
 
+    def __str__(self) -> str:
+        return str(InputError("http", self.reason, self.offset))
+
 
 type Event = Head | BodyData | EndOfMessage | ParseError
 

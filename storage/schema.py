@@ -162,15 +162,23 @@ def ip_from_db(v: int | bytes | str | None) -> str | None:
 # --- layouts -----------------------------------------------------------------------------
 
 
-def _default(cls: type[Record], name: str) -> Any:
+@functools.cache
+def _defaults_of(cls: type[Record]) -> dict[str, Any]:
+    """Field defaults of a Struct (msgspec.structs.fields evaluates annotations: slow, so once)."""
+    out: dict[str, Any] = {}
     for f in msgspec.structs.fields(cls):
-        if f.name == name:
-            if f.default is not msgspec.NODEFAULT:
-                return f.default
-            if f.default_factory is not msgspec.NODEFAULT:
-                return f.default_factory()
-            return msgspec.NODEFAULT
-    raise KeyError(name)
+        if f.default is not msgspec.NODEFAULT:
+            out[f.name] = f.default
+        elif f.default_factory is not msgspec.NODEFAULT:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = msgspec.NODEFAULT
+    return out
+
+
+def _default(cls: type[Record], name: str) -> Any:
+    d = _defaults_of(cls)[name]
+    return list(d) if isinstance(d, list) else d
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,4 +227,4 @@ def iter_report_lines(report: VerifyReport) -> Iterator[str]:
         yield f"FAIL {p}"
     for n in report.notes:
         yield f"note {n}"
-    yield ("OK" if report.ok else "FAILED") + f": {report.days} day(s), {report.rows} record(s) checked, {len(report.problems)} problem(s)"
+    yield ("OK" if report.ok else "FAILED") + f": {report.days} day(s), {report.rows:,} record(s) checked, {len(report.problems)} problem(s)"

@@ -73,6 +73,8 @@ US = 1_000_000
 DISK_ALARM_EVERY_S = 3600
 """A disk_low alarm at most once an hour: loud enough, not a flood."""
 RETRY_MAX_S = 30.0
+SYSLOG_BACKLOG_MAX = 50
+"""Committed batches waiting for the syslog thread before further batches are not forwarded."""
 
 
 @dataclass(slots=True)
@@ -150,6 +152,7 @@ class RecordWriter:
         self._digest: DigestLog | None = None
         self._key: keys.KeyPair | None = None
         self._signed: dict[str, tuple[int, bool]] = {}
+        self._signed_heads: dict[str, tuple[int, str]] = {}
         self._today = ""
         self._last_disk_alarm = -1e18
         self._syslog: Any = None
@@ -158,6 +161,8 @@ class RecordWriter:
         """The last error a commit hit (the writer retries; the queue bounds the damage)."""
         self._signal_task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
+        self._syslog_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._syslog_backlog = 0
 
     # --- producer side (event loop thread; never awaits) -------------------------------
 
@@ -230,6 +235,7 @@ class RecordWriter:
         for _, e, _problem in read_digests(self._digest.path, None):
             if e is not None and e.event != "expired":
                 self._signed[e.day] = (e.batch, e.final)
+                self._signed_heads[e.day] = (e.batch, e.head)
         if created:
             self._inject.append(Maintenance(
                 ts=int(self.clock() * US), admin="linewarden", operation="keys.init",
@@ -239,6 +245,7 @@ class RecordWriter:
             from storage.export import SyslogSender
 
             self._syslog = SyslogSender(self.config.syslog)
+            self._syslog_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lw-syslog")
 
     async def flush(self) -> None:
         """Return once every record submitted before the call is committed."""
@@ -409,7 +416,21 @@ class RecordWriter:
         self._stats.batches += 1
         self._resolve_waiters()
         if self._syslog is not None:
-            self._loop.run_in_executor(self._pool, self._syslog.send_many, records)  # type: ignore[union-attr]
+            self._forward(records)
+
+    def _forward(self, records: list[Record]) -> None:
+        """Hand a committed batch to the syslog thread; a collector that cannot keep up
+        costs counted failures (``SyslogSender.failed``), never the writer's time."""
+        if self._syslog_backlog >= SYSLOG_BACKLOG_MAX:
+            self._syslog.failed += len(records)  # type: ignore[union-attr]
+            return
+        self._syslog_backlog += 1
+
+        def done(_f: object) -> None:
+            self._syslog_backlog -= 1
+
+        assert self._syslog_pool is not None
+        self._syslog_pool.submit(self._syslog.send_many, records).add_done_callback(done)  # type: ignore[union-attr]
 
     def _route(self, records: list[Record]) -> dict[str, list[Record]]:
         """Group by day. Something that is not a record, or has no int ``ts``, becomes a
@@ -534,6 +555,7 @@ class RecordWriter:
             self._key, event=ev, day=day, batch=batch, last_id=last_id, head=head, at=int(self.clock() * US)))  # type: ignore[arg-type]
         if ev != "expired":
             self._signed[day] = (batch, final)
+            self._signed_heads[day] = (batch, head.hex())
 
     async def _sign_state(self, st: DayState, final: bool) -> None:
         await self._drain()  # sign only what is committed
@@ -564,6 +586,15 @@ class RecordWriter:
                 continue
             n, last_id, h = head
             if signed is None or signed[0] != n or (ended and not signed[1]):
+                # Never sign over a change made while the writer was down: the head signed
+                # last time must still be in the file, else alarm and leave it to verify.
+                sb, shead = self._signed_heads.get(day, (-1, genesis(day).hex()))
+                stored = await self._in_pool(_hash_at, day_path(self.store_dir, day), sb)
+                if stored is not None and stored.hex() != shead:
+                    self._inject.append(Alarm(
+                        ts=int(now * US), action="log", alarm_kind="integrity_failure",
+                        detail=f"day {day}: batch {sb} no longer has the signed chain head; not re-signed (run `linewarden verify`)"))
+                    continue
                 await self._sign(day, n, last_id, h if n >= 0 else genesis(day), ended)
 
     async def _housekeeping(self, force_rollover: bool = False) -> None:
@@ -617,8 +648,9 @@ class RecordWriter:
         for _, fut in self._waiters:
             if not fut.done():
                 fut.set_exception(RuntimeError("RecordWriter closed before the flush completed"))
-        if self._syslog is not None:
-            await self._in_pool(self._syslog.close)
+        if self._syslog_pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._syslog_pool.shutdown, True)
+            self._syslog.close()  # type: ignore[union-attr]
         self._pool.shutdown(wait=True)
         self._lock.release()
 
@@ -641,6 +673,23 @@ def _read_head(path: Path) -> tuple[int, int, bytes] | None:
     finally:
         conn.close()
     return (row[0], row[1], bytes(row[2])) if row else (-1, 0, b"")
+
+
+def _hash_at(path: Path, n: int) -> bytes | None:
+    """The stored chain hash of batch ``n`` (genesis for -1), or None when unreadable."""
+    import sqlite3
+
+    if n < 0:
+        return genesis(path.name[:10])
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            row = conn.execute("SELECT hash FROM batches WHERE n = ?", (n,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return bytes(row[0]) if row else b""
 
 
 def write_records(store_dir: str | os.PathLike[str], records: Iterable[Record], config: StoreConfig | None = None, *, clock: Callable[[], float] = time.time) -> int:

@@ -141,3 +141,33 @@ async def test_worker_stops_when_the_main_process_goes_away(tmp_path: Path) -> N
     finally:
         await service.stop()
         await zone.stop()
+
+
+async def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    import os
+
+    from linewarden.workers import DnsWorkers, WorkerSpec
+    from storage.writer import RecordWriter
+
+    zone = Zone()
+    await zone.start()
+    cfg = config_from_mapping(_config(tmp_path, zone.address, 1))
+    writer = RecordWriter(tmp_path / "store")
+    await writer.start()
+    service = DnsWorkers(WorkerSpec(dns=cfg.dns, rules_dir=cfg.rules.dir, backend="auto", bindings=(),
+                                    upstreams=(zone.address,), fail_open=True, count=1), writer)
+    await service.start()
+    try:
+        old = service.workers[0].process
+        os.kill(old.pid, signal.SIGKILL)  # a process this test started, by its pid
+        for _ in range(300):
+            if service.restarts == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert service.restarts == 1 and service.workers[0].process.pid != old.pid
+        out = DNSRecord.parse(await exchange(service.udp_address, make_query("www.lw.test")))
+        assert str(out.rr[0].rdata) == "192.0.2.10"
+    finally:
+        await service.stop()
+        await writer.close()
+        await zone.stop()

@@ -45,7 +45,11 @@ def _run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from storage.backup import backup_verify
 
-    return _print(backup_verify(args.backup, deep=args.deep), "checked")
+    rep = backup_verify(args.backup, deep=args.deep)
+    for p in rep.problems:
+        print(f"FAIL {p}")
+    print(("OK" if rep.ok else "FAILED") + f": {len(rep.skipped)} file(s) match the manifest, {len(rep.problems)} problem(s)")
+    return 0 if rep.ok else 1
 
 
 def _restore(args: argparse.Namespace) -> int:

@@ -12,12 +12,14 @@ Exit status:
      were printed/stored, and the remaining files were still replayed;
   2  usage error, or the rule set is invalid;
   3  the store could not be written.
+A worker process that fails (``--jobs``) is reported like a damaged capture (1).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import queue
 import sys
@@ -100,7 +102,7 @@ def _json_line(output: Any) -> bytes | None:
 
     if not isinstance(output, Decision):
         return None
-    return _ENCODE(output.to_json()) + b"\n"
+    return _encoder()(output.to_json()) + b"\n"
 
 
 def _record(output: Any) -> Any:
@@ -109,13 +111,11 @@ def _record(output: Any) -> Any:
     return to_record(output)
 
 
+@functools.cache
 def _encoder() -> Callable[[Any], bytes]:
     import msgspec
 
     return msgspec.json.Encoder().encode
-
-
-_ENCODE = _encoder()
 
 
 def _write_lines(lines: Iterator[bytes], out: IO[bytes]) -> None:

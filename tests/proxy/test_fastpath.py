@@ -384,3 +384,76 @@ async def test_records_join_on_uid_and_carry_nat(lab: Lab) -> None:
     assert c.nat_ip == "127.0.0.1" and c.nat_port and c.nat_port != c.client_port
     assert c.bytes_down == len(ROUTES["/plain"]) and c.ruleset_version == 7
     assert h.user_agent == "lw-test" and h.resp_bytes == len(PAGE_1K) and h.content_type
+
+
+async def test_request_past_the_hold_cap_is_cut_on_a_late_match(lab: Lab) -> None:
+    # 64 KiB hold cap in this lab: the body is streamed past it, one piece behind,
+    # so the piece with the match (the last) never reaches the origin.
+    body = b"content=" + b"a" * (100 * 1024) + f"最新{KEYWORD}".encode()
+    p = lab.origin.port
+    head = (f"POST http://127.0.0.1:{p}/upload HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    writer.write(head)
+    for i in range(0, len(body), 16 * 1024):
+        writer.write(body[i : i + 16 * 1024])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        raw = await reader.read(-1)
+    writer.close()
+    assert parse_message(raw).status == 451
+    [h] = await lab.records("http")
+    assert h.action == "block" and h.rule_ids == ["K1"] and h.req_bytes == len(body)
+    await asyncio.sleep(0.2)
+    assert all(m != "POST" for m, _, _ in lab.origin.log)  # the origin never got a whole request
+
+
+async def test_pipelined_requests_after_a_block_still_get_answers(lab: Lab) -> None:
+    p = lab.origin.port
+    two = (f"GET http://www.casino.example/ HTTP/1.1\r\nHost: www.casino.example\r\n\r\n"
+           f"GET http://127.0.0.1:{p}/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode()
+    raw = await exchange(lab, two)
+    first_len = int(raw.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+    first_end = raw.index(b"\r\n\r\n") + 4 + first_len
+    assert parse_message(raw[:first_end]).status == 451
+    assert raw[first_end:] == ROUTES["/plain"]
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+async def test_gzip_bomb_follows_the_fail_policy(tmp_path: Path, fail: str) -> None:
+    # 64 MiB of zeros in ~64 KiB of gzip: past the Engine's decode cap (16 MiB).
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9, mtime=0)
+    resp = _response("200 OK", ["Content-Type: text/html", "Content-Encoding: gzip"], bomb)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for name, text in RULES.items():
+        (rules / name).write_text(text, encoding="utf-8")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(resp)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    seen: list = []  # type: ignore[type-arg]
+    proxy = FastPath(Engine.from_dir(rules), lambda r: seen.append(r) or True,
+                     FastPathConfig(listen=("127.0.0.1", 0), fail=fail))  # type: ignore[arg-type]
+    await proxy.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.address[1])  # type: ignore[index]
+        writer.write(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(60):
+            raw = await reader.read(-1)
+        writer.close()
+    finally:
+        await proxy.stop()
+        srv.close()
+    [h] = [r for r in seen if type(r).__name__ == "Http"]
+    if fail == "closed":
+        assert parse_message(raw).status == 451 and h.action == "block" and "fail-closed" in (h.evidence or "")
+    else:
+        assert raw == resp and h.action == "allow"  # passed through untouched, and recorded

@@ -227,3 +227,16 @@ def test_bad_options_raise_options_error(engine: Engine, option: str, value: obj
     with taddons.context(a) as tctx:
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(a, **{option: value})
+
+
+@pytest.mark.parametrize("fail, status", [("open", 200), ("closed", 451)])
+async def test_undecodable_body_follows_the_fail_policy(engine: Engine, fail: str, status: int) -> None:
+    sink = Sink()
+    a = LinewardenHttp(engine, sink)
+    with taddons.context(a) as tctx:
+        tctx.configure(a, linewarden_fail=fail)
+        f = tflow.tflow(req=req())
+        # Declared gzip, but not gzip: the decoder reports an error.
+        await run_flow(a, f, resp(b"this is not gzip at all", extra=[(b"Content-Encoding", b"gzip")]))
+    assert f.response is not None and f.response.status_code == status
+    assert sink.http[0].action == ("block" if fail == "closed" else "allow")

@@ -525,3 +525,42 @@ def test_large_body_in_one_byte_segments_is_bounded_in_time(engine: Engine) -> N
     decisions, _ = replay_bytes(engine, data)
     assert time.monotonic() - start < 60
     assert [(d.url, d.action, d.resp_bytes) for d in decisions] == [("/big", "block", len(body))]
+
+
+def test_corrupted_packets_never_raise(engine: Engine, corpus: Path) -> None:
+    """Bytes flipped anywhere inside packet data (headers, TCP, HTTP, TLS, DNS):
+    the replay decides what it can and never raises (only damaged *file* structure
+    may raise CaptureError, and record headers are left intact here)."""
+    from proxy.pcap import CaptureStats
+
+    data = (corpus / "pcap" / "capture.pcap").read_bytes()
+    # Offsets of the packet bytes of each record (record headers stay valid).
+    spans = []
+    pos = 24
+    while pos + 16 <= len(data):
+        caplen = struct.unpack_from("<I", data, pos + 8)[0]
+        spans.append((pos + 16, pos + 16 + caplen))
+        pos += 16 + caplen
+    rnd = random.Random(11)
+    for _ in range(2):
+        buf = bytearray(data)
+        for _ in range(3000):
+            a, b = spans[rnd.randrange(len(spans))]
+            buf[rnd.randrange(a, b)] = rnd.randrange(256)
+        rp = Replay(engine, want_conns=True)
+        stats = CaptureStats()
+        outs = list(rp.run(read_packets(io.BytesIO(bytes(buf)), stats)))
+        assert stats.records == len(spans)
+        assert sum(isinstance(o, Decision) for o in outs) > 300
+
+
+def test_unanswered_dns_query_is_decided_after_the_answer_timeout(engine: Engine) -> None:
+    rp = Replay(engine, limits=ReplayLimits(dns_answer_us=2_000_000, sweep_every_us=1_000_000))
+    pkts = dns_pair(BLOCKED_HOST, 21)[:1] + dns_pair("a.example", 22, port=5400, t=5_000_000)
+    outs = []
+    for pkt in read_packets(io.BytesIO(pcap_bytes(pkts))):
+        outs += rp.packet(pkt)
+    # Decided on the capture clock, before the end of the capture.
+    assert [(d.qname, d.action, d.rcode) for d in outs if isinstance(d, Decision)] == [
+        (BLOCKED_HOST, "block", None), ("a.example", "allow", 0)]
+    assert not [d for d in rp.finish() if isinstance(d, Decision)]

@@ -6,6 +6,8 @@ import ssl
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, ClientHello, NeedMoreData, parse_client_hello
 from rules.errors import InputError
@@ -121,3 +123,20 @@ def test_not_tls_or_broken(data: bytes, reason: str) -> None:
 
 def test_limit_is_above_real_hellos() -> None:
     assert len(openssl_hello("a" * 60 + ".example", ["h2", "http/1.1"])) < MAX_CLIENT_HELLO_BYTES // 16
+
+
+_REAL = openssl_hello("fuzz.example", ["h2"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mangled_hellos_raise_only_typed_errors(data: st.DataObject) -> None:
+    raw = bytearray(_REAL)
+    for _ in range(data.draw(st.integers(1, 8))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    for partial in (False, True):
+        try:
+            parse_client_hello(bytes(raw[:cut]), partial=partial)
+        except (NeedMoreData, InputError):
+            pass

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from rules.containers import RUN_BREAK
 from rules.decode import (
     BodyDecoder,
     Break,
@@ -49,11 +50,26 @@ def split_ways(data: T, seeds: Sequence[int] = range(4)) -> list[list[T]]:
     return ways
 
 
+def _expand(events: Sequence[object]) -> list[object]:
+    """A RUN_BREAK inside a Text ends the run just like a Break event."""
+    out: list[object] = []
+    for event in events:
+        if isinstance(event, Text) and RUN_BREAK in event.text:
+            for i, piece in enumerate(event.text.split(RUN_BREAK)):
+                if i:
+                    out.append(Break())
+                if piece:
+                    out.append(Text(event.where, piece))
+        else:
+            out.append(event)
+    return out
+
+
 def runs(events: Sequence[object]) -> list[tuple[str, str]]:
     """Events -> (where, text) runs: joins Text of one run, drops empty/blank runs."""
     out: list[tuple[str, str]] = []
     where, text = "", ""
-    for event in [*events, Break()]:
+    for event in [*_expand(events), Break()]:
         if isinstance(event, Text) and event.where == where:
             text += event.text
             continue
@@ -130,6 +146,9 @@ def test_binary_and_code_types_yield_nothing(mime: str) -> None:
     (b"\x89PNG\r\n\x1a\n....", "application/octet-stream"),
     (b"abc\x00\x01def", "application/octet-stream"),
     ("纯文本".encode(), "text/plain"),
+    (b' {"k": "\\u62bc"}', "application/json"),
+    (b"[1, 2]", "application/json"),
+    (b"{not json", "text/plain"),
 ])
 def test_missing_content_type_is_sniffed(prefix: bytes, mime: str) -> None:
     assert sniff_media_type(prefix) == mime

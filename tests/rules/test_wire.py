@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import time
 
 import pytest
@@ -155,6 +154,7 @@ def test_error_offsets_point_into_the_stream() -> None:
     data = GET + b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
     events = Http1Stream(True).feed(data)
     assert events[-1] == ParseError("invalid chunk size line b'zz'", len(data) - 4)
+    assert str(events[-1]) == f"http: invalid chunk size line b'zz' at byte {len(data) - 4}"
 
 
 BAD = [

@@ -71,7 +71,7 @@ async def test_batch_max_triggers_a_commit_before_the_interval(tmp_path):
 async def test_submit_never_awaits_and_is_cheap(tmp_path):
     w = RecordWriter(tmp_path / "s", StoreConfig(), clock=clock)
     await w.start()
-    recs = [Conn(ts=day_start(DAYS[0]) + i) for i in range(20_000)]
+    recs = [Conn(ts=day_start(DAYS[0]) + i) for i in range(5_000)]
     t0 = time.perf_counter()
     for r in recs:
         w.submit(r)  # a plain call: no coroutine, no await
@@ -231,3 +231,19 @@ def test_alarm_times_come_from_the_clock(tmp_path):
     asyncio.run(go())
     a = [r for r in query(tmp_path / "s", kind="alarm")][0]
     assert isinstance(a, Alarm) and a.ts == int(NOW * US)
+
+
+async def test_restart_does_not_sign_over_a_change_made_while_down(tmp_path):
+    import sqlite3
+
+    s = tmp_path / "s"
+    write_records(s, [Conn(ts=day_start(DAYS[0]) + i) for i in range(3)], StoreConfig(batch_max=1), clock=clock)
+    with sqlite3.connect(day_path(s, DAYS[0])) as c:  # truncate the closed day, then append a forged batch
+        c.execute("UPDATE batches SET hash = zeroblob(32) WHERE n = 2")
+        c.execute("INSERT INTO batches SELECT 3, 4, 4, min_ts, max_ts, hash FROM batches WHERE n = 2")
+    w = RecordWriter(s, StoreConfig(), clock=clock)
+    await w.start()
+    await w.close()
+    alarms = [a for a in query(s, kind="alarm") if a.alarm_kind == "integrity_failure"]
+    assert len(alarms) == 1 and DAYS[0] in alarms[0].detail
+    assert not verify_store(s, now=NOW).ok
