@@ -204,6 +204,9 @@ class ReplayStats:
     gaps: int = 0
     gap_bytes: int = 0
     evicted_flows: int = 0
+    unparsed_bytes: int = 0
+    """Server bytes dropped unparsed: the client never spoke (or not HTTP), or
+    they passed ``max_held_response_bytes`` before the client did."""
     late_packets: int = 0
     """TCP packets after their connection closed (retransmissions, final ACKs): ignored."""
 
@@ -521,11 +524,12 @@ class _TcpConn(_Flow):
     def _release_held(self, ts: int, out: list[Output], force: bool = False) -> None:
         if not self.held:
             return
-        if self.mode == "?" and not force:
-            if self.held_bytes <= self.replay.limits.max_held_response_bytes:
-                return
+        over = self.held_bytes > self.replay.limits.max_held_response_bytes
         if self.mode != "http":
-            if self.mode != "?" or force:
+            # Not HTTP (or the client has not spoken yet): the server's bytes are of
+            # no use, and past the limit they are dropped rather than kept.
+            if self.mode != "?" or force or over:
+                self.replay.stats.unparsed_bytes += self.held_bytes
                 self.held.clear()
                 self.held_bytes = 0
             return

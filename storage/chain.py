@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 DIGEST_LOG = "digests.log"
 GENESIS_PREFIX = b"linewarden-chain-v1\0"
 BATCH_PREFIX = b"linewarden-batch-v1\0"
+_LEN = struct.Struct(">I").pack
 
 
 def genesis(day: str) -> bytes:
@@ -43,10 +44,8 @@ def batch_hash(prev: bytes, n: int, first_id: int, logical_rows: Iterable[bytes]
     """(hash of the batch, number of rows) per rule 1."""
     rows = list(logical_rows) if not isinstance(logical_rows, list) else logical_rows
     h = hashlib.sha256(BATCH_PREFIX + prev + struct.pack(">QQI", n, first_id, len(rows)))
-    pack = struct.Struct(">I").pack
-    for b in rows:
-        h.update(pack(len(b)))
-        h.update(b)
+    # One update over the length-prefixed rows (same bytes as one update per row, faster).
+    h.update(b"".join([x for b in rows for x in (_LEN(len(b)), b)]))
     return h.digest(), len(rows)
 
 

@@ -24,6 +24,7 @@ Owns encoding and decoding of rows. Must not open files, commit, or know HTTP/DN
 from __future__ import annotations
 
 import functools
+import itertools
 import socket
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -99,7 +100,7 @@ def insert_statements(table: str, columns: tuple[str, ...], rows: list[tuple[Any
     while k < len(rows):
         while size > len(rows) - k:
             size //= 2
-        out.append((_multi_sql(table, columns, size), [v for row in rows[k:k + size] for v in row]))
+        out.append((_multi_sql(table, columns, size), list(itertools.chain.from_iterable(rows[k:k + size]))))
         k += size
     return out
 

@@ -440,7 +440,12 @@ class RecordWriter:
         for r in records:
             if not isinstance(r, Record) or type(r.ts) is not int:
                 r = self._bad_record(r, TypeError("not a Record with an int ts"), int(self.clock() * US))
-            groups.setdefault(route(r.ts), []).append(r)
+            ts = r.ts
+            day = route.day if route.lo <= ts < route.hi else route(ts)  # one comparison, usually
+            g = groups.get(day)
+            if g is None:
+                g = groups[day] = []
+            g.append(r)
         return groups
 
     def _bad_record(self, r: Any, exc: Exception, ts: int) -> Record:

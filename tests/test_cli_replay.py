@@ -46,10 +46,23 @@ def test_prints_one_json_line_per_decision_and_a_summary(capsys, rules: Path, go
     assert "\r" not in err  # stderr is not a terminal here: no progress bar
 
 
-def test_corpus_capture_exits_zero(capsys, rules: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+def test_corpus_capture_json_lines_join_their_labels(capsys, rules: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
     code, rows, err = run(capsys, "--rules", rules, corpus / "pcap" / "capture.pcap")
-    assert code == 0 and len(rows) >= 576
+    assert code == 0
     assert "dns malformed" in err
+    by_conn = {(r["client"], r["server"], r["index"]): r["action"] for r in rows if r["kind"] in ("http", "tls")}
+    by_dns = {(int(r["client"].rsplit(":", 1)[1]), r["dns_id"], r["qname"]): r["action"]
+              for r in rows if r["kind"] == "dns"}
+    matched = 0
+    for line in (corpus / "pcap" / "labels.jsonl").read_text().splitlines():
+        lab = json.loads(line)
+        if lab["expect"] == "malformed":
+            continue
+        key = (lab["client_port"], lab["id"], lab["qname"]) if lab["type"] == "dns" else (
+            lab["client"], lab["server"], lab["index"])
+        assert (by_dns if lab["type"] == "dns" else by_conn).get(key) == lab["expect"], lab
+        matched += 1
+    assert matched == 576
 
 
 @pytest.mark.parametrize(

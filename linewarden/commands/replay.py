@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--backend", default="auto", choices=("auto", "hyperscan", "aho"),
                    help="keyword matcher backend (default: auto = hyperscan when installed)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="worker processes, each deciding a share of the flows (0 = one per CPU; default 1)")
+                   help="worker processes, each deciding a share of the flows (0 = one per CPU; default 1). "
+                   "Same decisions; their output order then interleaves the workers'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="pcap or pcapng files, replayed in order")
     p.set_defaults(func=run)
@@ -269,6 +270,8 @@ class _Session:
         notes = []
         if c.skipped:
             notes.append("skipped " + ", ".join(f"{k} {v}" for k, v in sorted(c.skipped.items())))
+        if c.warnings:
+            notes.append("warnings " + ", ".join(f"{k} {v}" for k, v in sorted(c.warnings.items())))
         for name in ("dns_malformed", "http_errors", "tls_errors", "gaps", "evicted_flows"):
             if getattr(s, name):
                 notes.append(f"{name.replace('_', ' ')} {getattr(s, name)}")

@@ -564,3 +564,30 @@ def test_unanswered_dns_query_is_decided_after_the_answer_timeout(engine: Engine
     assert [(d.qname, d.action, d.rcode) for d in outs if isinstance(d, Decision)] == [
         (BLOCKED_HOST, "block", None), ("a.example", "allow", 0)]
     assert not [d for d in rp.finish() if isinstance(d, Decision)]
+
+
+def test_server_bytes_held_for_a_silent_client_are_bounded(engine: Engine) -> None:
+    limit = 10_000
+    rp = Replay(engine, limits=ReplayLimits(max_held_response_bytes=limit))
+    c = Conversation().handshake().send(False, b"x" * 50_000, mss=1000)
+    held = []
+    for pkt in read_packets(io.BytesIO(pcap_bytes(c.packets()))):
+        rp.packet(pkt)
+        held += [conn.held_bytes for conn in rp._tcp_active]
+    assert max(held) <= limit + 1000
+    assert rp.stats.unparsed_bytes >= 40_000
+
+
+def test_dns_pending_limit_decides_the_oldest(engine: Engine) -> None:
+    rp = Replay(engine, limits=ReplayLimits(max_dns_pending=4))
+    pkts = []
+    for i in range(10):  # ten unanswered queries on one flow
+        q = dnslib.DNSRecord.question(f"q{i}.example")
+        q.header.id = 100 + i
+        pkts.append(udp_packet(("192.0.2.8", 5555), ("198.51.100.53", 53), q.pack(), 1_700_000_000_000_000 + i))
+    outs = []
+    for pkt in read_packets(io.BytesIO(pcap_bytes(pkts))):
+        outs += rp.packet(pkt)
+        assert all(len(f.dns_pending) <= 4 for f in rp._udp_active)
+    outs += rp.finish()
+    assert sorted(d.dns_id for d in outs if isinstance(d, Decision)) == list(range(100, 110))
