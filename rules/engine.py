@@ -102,7 +102,6 @@ class Engine:
         """One run of plain text."""
         scan = _RunScanner(self)
         scan.text(where, text)
-        scan.close()
         return self._verdict(scan.matches)
 
     # -- HTTP --------------------------------------------------------------
@@ -112,8 +111,7 @@ class Engine:
         head = _RunScanner(self)
         head.extend(self._host_matches(host, "host"))
         head.extend(self._url_matches(host, target))
-        head.events(target_runs(target))
-        head.close()
+        head.events(target_runs(target), final=True)
         decoder = BodyDecoder(list(headers), is_request=True, limits=self.limits)
         return BodyScan(self, head, decoder)
 
@@ -161,7 +159,6 @@ class Engine:
         if unicode_form:
             scan = _RunScanner(self)
             scan.text(where, unicode_form)
-            scan.close()
             found.extend(scan.matches)
         return found
 
@@ -189,6 +186,7 @@ class BodyScan:
         self._decoder = decoder
         self.head_verdict = engine._verdict(runs.matches)
         """The decision on the start line and headers alone (host, URL rules, target)."""
+        self._verdict = self.head_verdict
         self._done = False
 
     def feed(self, data: bytes) -> Verdict:
@@ -198,17 +196,18 @@ class BodyScan:
 
     def finish(self) -> Verdict:
         if not self._done:
-            self._runs.events(self._decoder.finish())
-            self._runs.close()
+            self._runs.events(self._decoder.finish(), final=True)
             self._done = True
         return self._current()
 
     def _current(self) -> Verdict:
-        return self._engine._verdict(
-            self._runs.matches,
-            truncated=self._decoder.truncated,
-            errors=self._decoder.errors,
-        )
+        # Most feeds change nothing: reuse the last Verdict rather than build one per piece.
+        v, d = self._verdict, self._decoder
+        if (len(v.matches) != len(self._runs.matches) or v.truncated != d.truncated
+                or len(v.errors) != len(d.errors)):
+            self._verdict = self._engine._verdict(
+                self._runs.matches, truncated=d.truncated, errors=d.errors)
+        return self._verdict
 
 
 # RUN_BREAK is fed to the keyword stream where a text run ends. Keywords cannot
@@ -218,63 +217,96 @@ class BodyScan:
 
 
 class _RunScanner:
-    """Streams the text runs of one message through one keyword stream."""
+    """Streams the text runs of one message through one keyword stream.
+
+    Each call normalises its events and feeds the matcher once with the result:
+    a request-target or a page piece holds many runs, and one matcher call per
+    run would cost more than the matching itself.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._stream = engine.keywords.stream()
-        self._where: str | None = None
+        self._where = "text"
         self._normalizer = Normalizer()
-        self._tail = ""
+        self._tail = RUN_BREAK
         """Normalised text most recently fed, last ``SNIPPET_TAIL`` characters."""
         self._tail_start = 0
-        """Stream offset of ``_tail[0]``."""
+        """Stream offset of ``_tail[0]``, minus one (the initial RUN_BREAK)."""
+        self._fed = 0
+        """Characters fed to the stream so far."""
         self.matches: list[Match] = []
 
     def extend(self, matches: Iterable[Match]) -> None:
         self.matches.extend(matches)
 
-    def events(self, events: Iterable[Text | Break]) -> None:
+    def text(self, where: str, text: str) -> None:
+        """One whole run."""
+        self.events((Text(where, text),), final=True)
+
+    def events(self, events: Iterable[Text | Break], *, final: bool = False) -> None:
+        """Feed events; ``final`` ends the current run after them."""
+        parts: list[str] = []
+        wheres: list[tuple[int, str]] = [(0, self._where)]
+        size = 0
+        normalizer = self._normalizer
         for ev in events:
             if isinstance(ev, Text):
-                self.text(ev.where, ev.text)
+                if ev.where != self._where:
+                    size += self._end_run(parts)
+                    self._where = ev.where
+                    wheres.append((size, ev.where))
+                piece = normalizer.feed(ev.text)
+                if piece:
+                    parts.append(piece)
+                    size += len(piece)
             else:
-                self._break()
+                size += self._end_run(parts)
+        if final:
+            self._end_run(parts)
+        if parts:
+            self._scan("".join(parts), wheres)
 
-    def text(self, where: str, text: str) -> None:
-        if where != self._where:
-            self._break()
-            self._where = where
-        self._match(self._normalizer.feed(text))
-
-    def close(self) -> None:
-        self._break()
-
-    def _break(self) -> None:
+    def _end_run(self, parts: list[str]) -> int:
         # The normaliser holds back a tail that could combine with what follows;
         # the run ends here, so the tail is final and is matched before the break.
-        self._match(self._normalizer.flush() + RUN_BREAK)
+        piece = self._normalizer.flush()
+        last = parts[-1] if parts else self._tail
+        if not piece and last.endswith(RUN_BREAK):
+            return 0
+        parts.append(piece + RUN_BREAK)
+        return len(piece) + 1
 
-    def _match(self, norm: str) -> None:
-        if norm == RUN_BREAK and self._tail.endswith(RUN_BREAK):
-            return
+    def _scan(self, norm: str, wheres: list[tuple[int, str]]) -> None:
         buf = self._tail + norm
+        base = self._fed
         for index, end in self._stream.feed(norm):
-            self._hit(index, end, buf)
-        self._tail_start += max(0, len(buf) - SNIPPET_TAIL)
-        self._tail = buf[-SNIPPET_TAIL:]
+            self._hit(index, end, buf, _where_at(wheres, end - 1 - base))
+        self._fed += len(norm)
+        cut = max(0, len(buf) - SNIPPET_TAIL)
+        self._tail_start += cut
+        self._tail = buf[cut:]
 
-    def _hit(self, index: int, end: int, buf: str) -> None:
+    def _hit(self, index: int, end: int, buf: str, where: str) -> None:
         rule = self._engine.keywords.rules[index]
-        rel_end = end - self._tail_start
+        rel_end = end + 1 - self._tail_start
         rel_start = rel_end - len(self._engine.keywords.patterns[index])
         before = buf[max(0, rel_start - SNIPPET_CHARS) : rel_start].rpartition(RUN_BREAK)[2]
         after = buf[rel_end : rel_end + SNIPPET_CHARS].partition(RUN_BREAK)[0]
         snippet = before + buf[rel_start:rel_end] + after
-        where = self._where or "text"
         self.matches.append(
             Match(rule.id, rule.category, "keyword", rule.keyword, rule.action, where, snippet)
         )
+
+
+def _where_at(wheres: list[tuple[int, str]], offset: int) -> str:
+    """The ``where`` of the run holding batch offset ``offset`` (few entries: linear)."""
+    where = wheres[0][1]
+    for start, name in wheres:
+        if start > offset:
+            break
+        where = name
+    return where
 
 
 def _first_per_rule(matches: Iterable[Match]) -> Iterable[Match]:
