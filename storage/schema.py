@@ -236,6 +236,12 @@ class Interner:
     def __init__(self, rows: Iterable[tuple[int, Any, Any]] = ()) -> None:
         self.ids: dict[str | bytes, int] = {}
         self.domain_ids: set[int] = set()
+        self.load(rows)
+
+    def load(self, rows: Iterable[tuple[int, Any, Any]]) -> None:
+        """(Re)fill from the file's ``strs`` rows, in place: compiled encoders hold ``ids``."""
+        self.ids.clear()
+        self.domain_ids.clear()
         self.next_id = 1
         for i, v, rkey in rows:
             self.ids[v] = i

@@ -17,21 +17,22 @@ EXIT_CONFIG = 2
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "run",
-        help="run the DNS shim (and, when built, the proxy) with the store writer",
-        description="Run linewarden: the store writer and the DNS shim (the HTTP proxy joins "
-        "when present). SIGTERM/SIGINT stop cleanly; SIGHUP is reserved for rule reload.",
+        help="run the HTTP(S) proxy, the DNS shim and the store writer",
+        description="Run linewarden: the HTTP(S) proxy, the DNS shim and the store writer. "
+        "SIGTERM/SIGINT stop cleanly and flush every record.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (default: embedded defaults)")
     p.add_argument("--rules", metavar="DIR", help="rule-set directory (default: bundled sample rules)")
     p.add_argument("--store", metavar="DIR", help="store directory (default: ./var)")
-    p.add_argument("--http-listen", metavar="HOST:PORT", help="proxy listen address")
+    p.add_argument("--http-listen", metavar="HOST:PORT", help="proxy listen address (default 127.0.0.1:8080)")
     p.add_argument("--dns-listen", metavar="HOST:PORT", help="DNS listen address (default 127.0.0.1:5353)")
     p.add_argument("--dns-upstream", metavar="HOST:PORT", action="append",
                    help="upstream resolver; repeat for failover (default: first nameserver of "
                    "/etc/resolv.conf)")
     p.add_argument("--dns-workers", metavar="N", type=int,
                    help="DNS worker processes (0: in the main process)")
-    p.add_argument("--mode", choices=("explicit", "transparent"), help="proxy mode")
+    p.add_argument("--mode", choices=("explicit", "transparent"), help="proxy mode: explicit (clients configured to use the proxy) or transparent "
+                   "(nftables redirects LAN tcp/80 and tcp/443 to it; default explicit)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=run)
 
