@@ -4,8 +4,8 @@ Owns: building the parts from a ``Config`` (writer, Engine reference,
 identity, services), the start order (writer first, then each service) and
 the stop order (services in reverse, so their last records reach the writer,
 then the writer flushes and closes), and the signals: SIGTERM/SIGINT stop
-cleanly and lose nothing; SIGHUP is reserved for rule reload (issue 7) and
-only logged for now. Must not: hold product logic (DESIGN.md: keep it thin).
+cleanly and lose nothing; SIGHUP re-reads the configured rule directory, and
+the control socket takes pushes and rollbacks (linewarden/reload.py, issue 7). Must not: hold product logic (DESIGN.md: keep it thin).
 
 A service is anything with ``name``, ``async start()`` and ``async stop()``.
 Today: the DNS shim (in-process when ``dns.workers = 0``, else worker
@@ -86,29 +86,43 @@ class App:
     """All the parts of one ``linewarden run``."""
 
     def __init__(self, config: Config) -> None:
+        from linewarden.dnsjoin import JoinSink
         from proxy.dns_shim import EngineRef
         from proxy.identity import Identity
-        from rules.engine import SAMPLE_RULES, Engine
+        from rules.engine import Engine
         from storage.writer import RecordWriter
 
         self.config = config
-        self.rules_dir = Path(config.rules.dir) if config.rules.dir else SAMPLE_RULES
+        from linewarden.reload import startup_rules_dir
+
+        self.rules_dir = startup_rules_dir(config)
+        """The active rule set: an installed (pushed) one, else ``rules.dir``, else the sample."""
         self.engine_ref = EngineRef(Engine.from_dir(self.rules_dir, backend=config.rules.backend))
         """The current Engine; a reload (issue 7) swaps it here and every adapter sees it."""
         self.identity = Identity(config.identity)
         self.store_config = config.store.store_config()
         Path(config.store.dir).mkdir(parents=True, exist_ok=True)
-        self.writer = RecordWriter(config.store.dir, self.store_config)
+        self.writer = JoinSink(RecordWriter(config.store.dir, self.store_config))
+        """The store writer behind the dns_name join (linewarden/dnsjoin.py): every record of
+        every service and worker passes here, so conn records get the name their client
+        resolved through the shim."""
         self.upstreams = config.resolved_upstreams()
         self.services: list[Service] = []
         self._stop = asyncio.Event()
+        self.rules_manager: Any = None
+        self.control: Any = None
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP. Reserved for rule reload (issue 7): will build a new Engine and swap it."""
-        log.info("SIGHUP received: rule reload is not implemented yet (issue 7)")
+        """SIGHUP: re-read the configured rule directory off the data path (linewarden/reload.py)."""
+        if self.rules_manager is None:
+            log.warning("SIGHUP before the services started: ignored")
+            return
+        task = asyncio.get_running_loop().create_task(self.rules_manager.reload_configured("SIGHUP"))
+        self._reloads = getattr(self, "_reloads", set()) | {task}
+        task.add_done_callback(self._reloads.discard)
 
     async def start(self) -> None:
         await self.writer.start()
@@ -119,11 +133,17 @@ class App:
                     continue
                 await service.start()
                 self.services.append(service)
+            from linewarden.reload import start_control
+
+            self.rules_manager, self.control = await start_control(self)
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         for service in reversed(self.services):
             try:
                 await service.stop()

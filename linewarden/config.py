@@ -117,6 +117,17 @@ class RulesConfig:
     dir: str = _doc("", "Rule-set directory; \"\" = the bundled sample rules (rules/sample).")
     backend: str = _doc("auto", "Keyword matcher: \"auto\", \"hyperscan\" or \"aho\".",
                         choices=("auto", "hyperscan", "aho"))
+    pubkeys: tuple[str, ...] = _doc((), "Ed25519 public keys (PEM files or key directories) whose "
+                                    "signed bundles `linewarden rules push` may install "
+                                    "(docs/rules-distribution.md); [] = pushes are refused.")
+    managed_dir: str = _doc("", "Where pushed bundles are installed (current + previous, for "
+                            "rollback); \"\" = <store.dir>/rules. When it holds an installed rule "
+                            "set, that one is loaded at start instead of `rules.dir`.")
+    control_socket: str = _doc("", "The local control socket (push, rollback); \"\" = "
+                               "<store.dir>/control.sock. Mode 0600: only the service's user "
+                               "may push, unless `rules.control_group` is set.")
+    control_group: str = _doc("", "Group allowed to use the control socket (mode 0660); "
+                              "\"\" = none (mode 0600).")
 
 
 @dataclass(frozen=True, slots=True)

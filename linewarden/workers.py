@@ -18,7 +18,11 @@ every query of one client (or of a benchmark with 4 source ports) on one worker.
 
 Channel format: frames of a 4-byte big-endian length, one type byte and a
 payload: ``H`` + JSON hello (pid, bound addresses), ``R`` + msgpack list of
-records (the storage schema's tagged structs), ``S`` + JSON stats.
+records (the storage schema's tagged structs), ``S`` + JSON stats. The main
+process writes on the same socketpair to reload rules (issue 7): ``L`` + JSON
+{seq, dir}; the worker compiles ``dir`` in a thread off its loop, swaps its
+``EngineRef`` and answers ``A`` + JSON {seq, ok, version, error}
+(linewarden/reload.py drives it; ``reload_worker`` / ``serve_reloads`` below).
 
 Durability note: a worker holds records for at most ``CHANNEL_FLUSH_S`` before
 sending them; the writer then commits within its own ``commit_interval_ms``.
@@ -150,6 +154,21 @@ class _SinkProtocol(asyncio.Protocol):
         """The main process went away (EOF on the channel): a worker must not outlive
         it, holding the port and answering queries nobody records."""
 
+        self.on_frame: Callable[[bytes, bytes], None] | None = None
+        """Called with (kind, payload) for frames from the main process (``L``: reload)."""
+        self._buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= 4:
+            n = int.from_bytes(self._buf[:4], "big")
+            if len(self._buf) < 4 + n:
+                return
+            kind, payload = bytes(self._buf[4:5]), bytes(self._buf[5:4 + n])
+            del self._buf[:4 + n]
+            if self.on_frame is not None:
+                self.on_frame(kind, payload)
+
     def eof_received(self) -> bool | None:
         self.lost.set()
         return None
@@ -212,6 +231,11 @@ class ChannelReader(asyncio.Protocol):
         elif kind == b"E":
             if not self.worker.ready.done():
                 self.worker.ready.set_exception(RuntimeError(payload.decode(errors="replace")))
+        elif kind == b"A":
+            ack = json.loads(payload)
+            fut = self.worker.acks.pop(ack.get("seq"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(ack)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.worker.ready.done():
@@ -233,6 +257,69 @@ class WorkerHandle:
     records: int = 0
     refused: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    acks: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    """Reloads sent to the worker, waiting for its ``A`` frame (by sequence number)."""
+
+
+RELOAD_TIMEOUT_S = 300.0
+"""A worker must compile and swap a new rule set within this (a 1M-domain +
+100k-keyword set compiles in well under a minute; see benchmarks/bench_reload.py)."""
+
+_reload_seq = 0
+
+
+async def reload_worker(h: WorkerHandle, rules_dir: str, timeout: float = RELOAD_TIMEOUT_S) -> dict[str, Any]:
+    """Tell one worker to compile ``rules_dir`` and swap it in; its answer
+    ({ok, version, error}). Main-process side of the ``L``/``A`` frames."""
+    global _reload_seq
+    _reload_seq += 1
+    seq = _reload_seq
+    if h.reader is None or h.reader.transport is None or h.reader.transport.is_closing():
+        return {"seq": seq, "ok": False, "error": f"worker {h.index} is not running"}
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    h.acks[seq] = fut
+    h.reader.transport.write(frame(b"L", json.dumps({"seq": seq, "dir": rules_dir}).encode()))
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        h.acks.pop(seq, None)
+        return {"seq": seq, "ok": False, "error": f"worker {h.index} did not answer in {timeout:.0f} s"}
+
+
+def serve_reloads(proto: _SinkProtocol, sink: ChannelSink, engine_ref: Any, backend: str) -> None:
+    """Worker side: answer ``L`` frames by compiling off the loop and swapping ``engine_ref``.
+
+    Queries and transactions read the ref once, so those in flight finish with the
+    Engine they started with; the next ones get the new one. Reloads run one at a time.
+    """
+    lock = asyncio.Lock()
+    loop = asyncio.get_running_loop()
+
+    async def reload(seq: int, rules_dir: str) -> None:
+        from rules.engine import Engine
+
+        async with lock:
+            try:
+                engine = await loop.run_in_executor(
+                    None, lambda: Engine.from_dir(rules_dir, backend=backend))
+            except Exception as e:
+                sink.send(b"A", {"seq": seq, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
+                return
+            engine_ref.swap(engine)
+            gc.freeze()  # as at start: keep the new rule set out of the cyclic GC's walks
+            sink.send(b"A", {"seq": seq, "ok": True, "version": engine.version})
+
+    def on_frame(kind: bytes, payload: bytes) -> None:
+        if kind == b"L":
+            msg = json.loads(payload)
+            task = loop.create_task(reload(int(msg["seq"]), str(msg["dir"])))
+            _tasks.add(task)
+            task.add_done_callback(_tasks.discard)
+
+    proto.on_frame = on_frame
+
+
+_tasks: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -373,8 +460,8 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
     transport, proto = await loop.connect_accepted_socket(_SinkProtocol, chan)
     sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
     try:
-        engine = Engine.from_dir(spec.rules_dir, backend=spec.backend)
-        shim = DnsShim(spec.dns, EngineRef(engine), sink, Identity(spec.bindings),
+        engine_ref = EngineRef(Engine.from_dir(spec.rules_dir, backend=spec.backend))
+        shim = DnsShim(spec.dns, engine_ref, sink, Identity(spec.bindings),
                        upstreams=list(spec.upstreams), reuse_port=spec.count > 1,
                        uid_prefix=f"D{os.getpid():x}.")
         await shim.start()
@@ -390,7 +477,10 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
     gc.freeze()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: rule reload is issue 7"))
+    # Reloads come from the main process over the channel (it validates first);
+    # a SIGHUP to the process group must not stop a worker.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    serve_reloads(proto, sink, engine_ref, spec.backend)
     sink.send(b"H", {"pid": os.getpid(), "udp": list(shim.udp_address or ()),
                      "tcp": list(shim.tcp_address or ())})
     stopping = asyncio.ensure_future(stop.wait())

@@ -277,7 +277,8 @@ async def _http_worker(spec: HttpWorkerSpec, index: int, chan: object) -> None:
     import os
     import signal
 
-    from linewarden.workers import ChannelSink, _SinkProtocol
+    from linewarden.workers import ChannelSink, _SinkProtocol, serve_reloads
+    from proxy.dns_shim import EngineRef
     from proxy.identity import Identity
     from rules.engine import Engine
 
@@ -285,7 +286,7 @@ async def _http_worker(spec: HttpWorkerSpec, index: int, chan: object) -> None:
     transport, proto = await loop.connect_accepted_socket(_SinkProtocol, chan)  # type: ignore[arg-type]
     sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
     try:
-        engine = Engine.from_dir(spec.rules_dir, backend=spec.backend)
+        engine = EngineRef(Engine.from_dir(spec.rules_dir, backend=spec.backend))
         cfg = spec.config
         if spec.count > 1:
             cfg = dataclasses.replace(cfg, fastpath=dataclasses.replace(cfg.fastpath, reuse_port=True))
@@ -297,7 +298,9 @@ async def _http_worker(spec: HttpWorkerSpec, index: int, chan: object) -> None:
         return
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: rule reload is issue 7"))
+    # Reloads come from the main process over the channel (linewarden/workers.py).
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    serve_reloads(proto, sink, engine, spec.backend)
     sink.send(b"H", {"pid": os.getpid(), "udp": [], "tcp": list(svc.address or ())})
     await stop.wait()
     await svc.stop()

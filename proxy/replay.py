@@ -1057,7 +1057,8 @@ class Replay:
             answers = msg.rr if is_response else []
             rcode = int(msg.header.rcode) if is_response else None
             cnames = [_qname_text(rr.rdata.label) for rr in answers if rr.rtype == dnslib.QTYPE.CNAME]
-            answer_text = tuple(str(rr.rdata) for rr in answers)
+            # Answers' text is for records only (the JSON line does not carry it).
+            answer_text = tuple(str(rr.rdata) for rr in answers) if self.want_conns else ()
         except Exception:
             # Malformed (pointer loops, truncation, bad labels...): dnslib raises
             # DNSError, but also IndexError/struct.error/UnicodeError on some inputs.
@@ -1073,7 +1074,7 @@ class Replay:
             flow.index += 1
             self._dns_deadlines.append((ts, flow, dns_id))
             return
-        if rcode == 0 and answers:
+        if rcode == 0 and answers and self.want_conns:
             self._remember(flow.cip, qname, answers)
         query = pending.pop(dns_id, None)
         if query is None:

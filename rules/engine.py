@@ -14,6 +14,12 @@ Rules kept here:
    thread; per-message state lives in ``BodyScan``.
 3. Whole or in pieces, same answer (STYLE.md 3): ``http_request`` is
    ``request_scanner`` fed once.
+4. Phrases (phrases.tsv: combinations and weighted phrases, rules/ruleset.py) cost
+   no second pass: every distinct phrase part is one more keyword of the same
+   matcher (``PhraseTable``); a part's hit is remembered per message, and a phrase
+   is found when all its parts have been seen in that message (target and body
+   of one HTTP message, or one ``scan_text``). Weights sum over distinct phrases
+   per category; ``Match.kind`` is ``"phrase"``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from rules.decode import BodyDecoder, Break, DecodeLimits, Text
 from rules.domains import DomainMatcher
 from rules.matcher import KeywordMatcher
 from rules.normalize import Normalizer
-from rules.ruleset import RuleSet, load_ruleset
+from rules.ruleset import KeywordRule, PhraseRule, RuleSet, load_ruleset
 from rules.target import host_of, idna_text, target_runs
 from rules.urls import UrlMatcher
 from rules.verdict import SNIPPET_CHARS, Match, Verdict, combine_action
@@ -43,6 +49,49 @@ snippets. Longer than any keyword (rules/ruleset.py caps them) plus the
 snippet's context, so the text before a match is always at hand."""
 
 
+PHRASE_PART_FLAG = "phrase-part"
+"""Flag of the keyword rules the Engine makes of phrase parts (never in a rule file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PhraseTable:
+    """Phrases compiled into the keyword matcher: part ``k`` is keyword index ``base + k``."""
+
+    rules: list[PhraseRule]
+    base: int
+    """Keyword-matcher index of part 0 (the rule set's own keywords come first)."""
+    part_phrases: list[tuple[int, ...]]
+    """Part → the phrases (indices into ``rules``) that contain it."""
+    phrase_parts: list[tuple[int, ...]]
+    """Phrase → its part indices."""
+    thresholds: dict[str, int]
+
+    @classmethod
+    def build(cls, ruleset: RuleSet) -> tuple[PhraseTable, list[KeywordRule]]:
+        """The table and the part keywords to append to the rule set's keywords."""
+        index: dict[str, int] = {}
+        parts: list[KeywordRule] = []
+        part_phrases: list[list[int]] = []
+        phrase_parts: list[tuple[int, ...]] = []
+        for pi, rule in enumerate(ruleset.phrases):
+            ks: list[int] = []
+            for part in rule.parts:
+                k = index.get(part)
+                if k is None:
+                    k = index[part] = len(parts)
+                    parts.append(KeywordRule(f"phrase-part:{k}", rule.category, part, "log",
+                                             frozenset({PHRASE_PART_FLAG}), part))
+                    part_phrases.append([])
+                part_phrases[k].append(pi)
+                ks.append(k)
+            phrase_parts.append(tuple(ks))
+        thresholds = {name: c.threshold for name, c in ruleset.categories.items()
+                      if c.threshold is not None}
+        table = cls(ruleset.phrases, len(ruleset.keywords), [tuple(p) for p in part_phrases],
+                    phrase_parts, thresholds)
+        return table, parts
+
+
 @dataclass(frozen=True, slots=True)
 class Engine:
     """A compiled, immutable rule set."""
@@ -52,17 +101,25 @@ class Engine:
     domains: DomainMatcher
     urls: UrlMatcher
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    phrases: PhraseTable | None = None
+    """None when the rule set has no phrases (the common case costs nothing)."""
 
     @classmethod
     def compile(
         cls, ruleset: RuleSet, *, backend: str = "auto", limits: DecodeLimits | None = None
     ) -> Engine:
+        keywords = ruleset.keywords
+        phrases = None
+        if ruleset.phrases:
+            phrases, parts = PhraseTable.build(ruleset)
+            keywords = [*keywords, *parts]
         return cls(
             ruleset=ruleset,
-            keywords=KeywordMatcher.compile(ruleset.keywords, backend=backend),
+            keywords=KeywordMatcher.compile(keywords, backend=backend),
             domains=DomainMatcher.compile(ruleset.domains),
             urls=UrlMatcher.compile(ruleset.urls),
             limits=limits or DecodeLimits(),
+            phrases=phrases,
         )
 
     @classmethod
@@ -236,6 +293,7 @@ class _RunScanner:
         self._fed = 0
         """Characters fed to the stream so far."""
         self.matches: list[Match] = []
+        self._phrases = _PhraseState(engine.phrases) if engine.phrases is not None else None
 
     def extend(self, matches: Iterable[Match]) -> None:
         self.matches.extend(matches)
@@ -289,14 +347,63 @@ class _RunScanner:
 
     def _hit(self, index: int, end: int, buf: str, where: str) -> None:
         rule = self._engine.keywords.rules[index]
+        phrases = self._phrases
+        if phrases is not None and index >= phrases.table.base:
+            if index - phrases.table.base not in phrases.seen:
+                phrases.part(index - phrases.table.base, where, self._snippet(index, end, buf),
+                             self.matches)
+            return
+        self.matches.append(Match(rule.id, rule.category, "keyword", rule.keyword, rule.action,
+                                  where, self._snippet(index, end, buf)))
+
+    def _snippet(self, index: int, end: int, buf: str) -> str:
         rel_end = end + 1 - self._tail_start
         rel_start = rel_end - len(self._engine.keywords.patterns[index])
         before = buf[max(0, rel_start - SNIPPET_CHARS) : rel_start].rpartition(RUN_BREAK)[2]
         after = buf[rel_end : rel_end + SNIPPET_CHARS].partition(RUN_BREAK)[0]
-        snippet = before + buf[rel_start:rel_end] + after
-        self.matches.append(
-            Match(rule.id, rule.category, "keyword", rule.keyword, rule.action, where, snippet)
-        )
+        return before + buf[rel_start:rel_end] + after
+
+
+class _PhraseState:
+    """Per-message phrase bookkeeping: parts seen, phrases found, weights summed."""
+
+    __slots__ = ("table", "seen", "found", "fired", "weights")
+
+    def __init__(self, table: PhraseTable) -> None:
+        self.table = table
+        self.seen: set[int] = set()
+        self.found: list[int] = []
+        self.fired: set[int] = set()
+        self.weights: dict[str, int] = {}
+
+    def part(self, k: int, where: str, snippet: str, out: list[Match]) -> None:
+        """Part ``k`` seen for the first time: append the Matches of phrases that fire."""
+        self.seen.add(k)
+        table = self.table
+        for pi in table.part_phrases[k]:
+            rule = table.rules[pi]
+            if not all(p in self.seen for p in table.phrase_parts[pi]):
+                continue
+            self.found.append(pi)
+            if rule.weight is None:
+                self._fire(pi, where, snippet, out)
+                continue
+            total = self.weights.get(rule.category, 0) + rule.weight
+            self.weights[rule.category] = total
+            if total >= table.thresholds[rule.category]:
+                for fi in self.found:
+                    other = table.rules[fi]
+                    if (other.category == rule.category and other.weight is not None
+                            and other.weight > 0):
+                        self._fire(fi, where, f"[{total}/{table.thresholds[rule.category]}] {snippet}", out)
+
+    def _fire(self, pi: int, where: str, snippet: str, out: list[Match]) -> None:
+        if pi in self.fired:
+            return
+        self.fired.add(pi)
+        r = self.table.rules[pi]
+        out.append(Match(r.id, r.category, "phrase", r.phrase, r.action, where, snippet))
+
 
 
 def _where_at(wheres: list[tuple[int, str]], offset: int) -> str:

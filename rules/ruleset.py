@@ -11,6 +11,7 @@ A rule set is a directory; every file but ``ruleset.toml`` is optional::
     keywords.tsv   id  category  keyword  [action]  [flags]
     domains.tsv    id  category  domain   [action]
     urls.tsv       id  category  url      [action]
+    phrases.tsv    id  category  phrase   [weight]  [action]
 
 TSV files are UTF-8 (a BOM is accepted), LF or CRLF, tab-separated. The first line
 that is neither blank nor a ``#`` comment is the header naming the columns; columns
@@ -25,6 +26,18 @@ Keyword ``flags`` (comma-separated; empty = none):
   already be in normalised form; validation refuses one that is not, showing the
   normalised form, so the flag never yields a rule that cannot match. Use it to pin a
   keyword whose folding you want reported rather than applied silently.
+
+Phrases (``phrases.tsv``, e2guardian's phrase lists; rules/importers.py converts them):
+
+* ``phrase`` is one or more *parts* separated by ``,`` (a part cannot contain an ASCII
+  comma; each part is normalised like a keyword). A phrase *is found* in a message
+  when every one of its parts appears anywhere in it (any order, any run: the target
+  and body of one HTTP message, or one ``scan_text``). One part = a plain phrase.
+* ``weight`` empty: a banned phrase or combination; it fires when found.
+* ``weight`` an integer (may be negative, e2guardian's "good" phrases): the category
+  needs ``threshold = N`` in ruleset.toml; the weights of the *distinct* phrases
+  found in a message are summed per category and, once the sum reaches the threshold,
+  every found phrase of that category with a positive weight fires.
 
 Validation collects every problem (``RuleProblem(file, line, reason, column)``, column =
 the 1-based field number) and ``load_ruleset`` raises ``RuleSetError`` with all of
@@ -53,6 +66,7 @@ __all__ = [
     "KeywordRule",
     "KEYWORD_FLAGS",
     "MAX_KEYWORD_CHARS",
+    "PhraseRule",
     "RuleSet",
     "UrlRule",
     "check_ruleset",
@@ -78,6 +92,12 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 """Largest rule file read (1M keywords take about 40 MB); a bigger one is refused
 before it is read, so a wrong path cannot exhaust memory."""
 
+MAX_PHRASE_PARTS = 16
+"""Parts of one phrase (e2guardian's combinations have 2-5); more is a paste error."""
+
+MAX_WEIGHT = 1_000_000
+"""Largest absolute phrase weight and threshold (e2guardian's lists use up to a few hundred)."""
+
 KEYWORD_FLAGS = frozenset({"exact"})
 """Known values of the keyword ``flags`` column (see the module docstring)."""
 
@@ -92,6 +112,9 @@ class Category:
     description: str = ""
     name: str = ""
     """The table name in ruleset.toml (``gambling``)."""
+    threshold: int | None = None
+    """Weighted phrases of the category block (or log) once the sum of the weights
+    of the distinct phrases found in a message reaches this; None: no weighted phrases."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +159,19 @@ class UrlRule:
 
 
 @dataclass(frozen=True, slots=True)
+class PhraseRule:
+    id: str
+    category: str
+    phrase: str
+    """As written in ``phrases.tsv`` (``poker,casino``)."""
+    action: RuleAction
+    parts: tuple[str, ...]
+    """Normalised parts; the phrase is found when all of them are."""
+    weight: int | None = None
+    """None: fires alone; else counts towards the category's threshold."""
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSet:
     name: str
     version: int
@@ -143,6 +179,7 @@ class RuleSet:
     keywords: list[KeywordRule] = field(default_factory=list)
     domains: list[DomainRule] = field(default_factory=list)
     urls: list[UrlRule] = field(default_factory=list)
+    phrases: list[PhraseRule] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -220,16 +257,22 @@ def _load_toml(path: Path, probs: _Problems) -> tuple[str, int, dict[str, Catego
             probs.add(fname, 0, f"{where}: must be a table with an 'action'")
             ok = False
             continue
-        for key in sorted(set(table) - {"action", "description"}):
-            probs.add(fname, 0, f"{where}: unknown key {key!r} (known: action, description)")
+        for key in sorted(set(table) - {"action", "description", "threshold"}):
+            probs.add(fname, 0, f"{where}: unknown key {key!r} (known: action, description, threshold)")
             ok = False
+        threshold = table.get("threshold")
+        if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool)
+                                      or not 0 < threshold <= MAX_WEIGHT):
+            probs.add(fname, 0, f"{where}: threshold must be an integer 1-{MAX_WEIGHT}, not {threshold!r}")
+            ok = False
+            threshold = None
         action = table.get("action")
         if action not in RULE_ACTIONS:
             probs.add(fname, 0, f"{where}: action must be \"block\" or \"log\", not {action!r}")
             ok = False
             continue
         desc = table.get("description", "")
-        cats[cname] = Category(action, desc if isinstance(desc, str) else "", cname)
+        cats[cname] = Category(action, desc if isinstance(desc, str) else "", cname, threshold)
     if not ok:
         return None
     assert isinstance(name, str) and isinstance(version, int)
@@ -479,7 +522,63 @@ def _urls(path: Path, cats: dict[str, Category], ids: dict[str, str], probs: _Pr
     return out
 
 
-RULE_FILES = ("keywords.tsv", "domains.tsv", "urls.tsv")
+def parse_weight(text: str) -> int | None:
+    """The ``weight`` field: None when empty, else an integer; ValueError otherwise."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        weight = int(text)
+    except ValueError:
+        raise ValueError(f"weight {text[:20]!r} is not an integer") from None
+    if abs(weight) > MAX_WEIGHT:
+        raise ValueError(f"weight {weight} is beyond ±{MAX_WEIGHT}")
+    return weight
+
+
+def phrase_parts(phrase: str) -> tuple[str, ...]:
+    """The normalised parts of a ``phrase`` field; ValueError names the bad part."""
+    raw = phrase.split(",")
+    if len(raw) > MAX_PHRASE_PARTS:
+        raise ValueError(f"{len(raw)} parts; at most {MAX_PHRASE_PARTS}")
+    parts: list[str] = []
+    for i, part in enumerate(raw, start=1):
+        reason, norm = keyword_problem(part.strip(), _NO_FLAGS)
+        if reason:
+            raise ValueError(f"part {i}: {reason}" if len(raw) > 1 else reason)
+        if norm not in parts:
+            parts.append(norm)
+    return tuple(parts)
+
+
+def _phrases(path: Path, cats: dict[str, Category], ids: dict[str, str], probs: _Problems) -> list[PhraseRule]:
+    table = _Table("phrases.tsv", ("id", "category", "phrase"), ("weight", "action"))
+    out: list[PhraseRule] = []
+    for lineno, row in table.rows(path, probs):
+        common = _common(table, row, lineno, cats, ids, probs)
+        phrase = row[table.columns["phrase"]]
+        try:
+            parts = phrase_parts(phrase)
+        except ValueError as e:
+            probs.add(table.fname, lineno, f"phrase {phrase[:60]!r}: {e}", table.columns["phrase"] + 1)
+            continue
+        wi = table.index("weight")
+        try:
+            weight = parse_weight(row[wi]) if wi is not None else None
+        except ValueError as e:
+            probs.add(table.fname, lineno, str(e), wi + 1)  # type: ignore[operator]
+            continue
+        if common is None:
+            continue
+        if weight is not None and cats[common[1]].threshold is None:
+            probs.add(table.fname, lineno, f"weighted phrase but category {common[1]!r} has no "
+                      f"threshold (add threshold = N to [categories.{common[1]}])", wi + 1)  # type: ignore[operator]
+            continue
+        out.append(PhraseRule(common[0], common[1], phrase.strip(), common[2], parts, weight))
+    return out
+
+
+RULE_FILES = ("keywords.tsv", "domains.tsv", "urls.tsv", "phrases.tsv")
 """The optional rule files, in the order they are read (ids are unique across them)."""
 
 
@@ -493,7 +592,8 @@ def _read(path: str | os.PathLike[str]) -> tuple[RuleSet | None, list[RuleProble
     cats = head[2] if head else {}
     ids: dict[str, str] = {}
     lists: dict[str, list] = {}
-    readers = {"keywords.tsv": _keywords, "domains.tsv": _domains, "urls.tsv": _urls}
+    readers = {"keywords.tsv": _keywords, "domains.tsv": _domains, "urls.tsv": _urls,
+               "phrases.tsv": _phrases}
     for fname in RULE_FILES:
         p = root / fname
         if p.exists():
@@ -516,6 +616,7 @@ def _read(path: str | os.PathLike[str]) -> tuple[RuleSet | None, list[RuleProble
         keywords=lists.get("keywords.tsv", []),
         domains=lists.get("domains.tsv", []),
         urls=lists.get("urls.tsv", []),
+        phrases=lists.get("phrases.tsv", []),
     ), []
 
 

@@ -1,6 +1,6 @@
-"""Generated parts of docs/storage.md: the JSON field reference (from the docstrings of
+"""Generated parts of README.md: the JSON field reference (from the docstrings of
 storage/records.py) and the StoreConfig table (from storage/config.py), so the README
-cannot drift from the code. ``python -m storage.docgen docs/storage.md`` rewrites the
+cannot drift from the code. ``python -m storage.docgen README.md`` rewrites the
 parts between their markers; tests/storage/test_docgen.py fails when they differ.
 
 Reads source files with ``ast``; never imports product code for side effects.
@@ -18,8 +18,8 @@ import storage.config as config_module
 import storage.records as records_module
 
 MARKERS = {
-    "fields": ("<!-- generated: fields (python -m storage.docgen docs/storage.md) -->", "<!-- end generated: fields -->"),
-    "config": ("<!-- generated: config (python -m storage.docgen docs/storage.md) -->", "<!-- end generated: config -->"),
+    "fields": ("<!-- generated: fields (python -m storage.docgen README.md) -->", "<!-- end generated: fields -->"),
+    "config": ("<!-- generated: config (python -m storage.docgen README.md) -->", "<!-- end generated: config -->"),
 }
 
 
@@ -127,7 +127,7 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0] if argv else "docs/storage.md")
+    path = Path(argv[0] if argv else "README.md")
     old = path.read_text(encoding="utf-8")
     new = render(old)
     if new != old:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import msgspec
 
-from storage.partitions import day_bounds, day_of, day_path, list_days, open_readonly, store_tz
+from storage.partitions import day_of, day_path, list_days, open_readonly, store_tz
 from storage.records import RECORD_TYPES, Record
 from storage.schema import ACTIONS, RowDecoder, domain_key, ipv4_db
 

@@ -88,6 +88,9 @@ def _multi_sql(table: str, columns: tuple[str, ...], n: int) -> str:
     return f"INSERT INTO {table}({', '.join(columns)}) VALUES " + ", ".join([one] * n)
 
 
+INSERT_MANY = _multi_sql("rec", COLUMNS, ROWS_PER_INSERT)
+
+
 def insert_statements(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
     """(sql, flat params) inserting ``rows`` with multi-row INSERTs of 512, 256, ..., 1 rows.
 

@@ -184,3 +184,13 @@ def test_progress_bar_only_on_a_terminal(rules: Path, corpus: Path) -> None:
     assert proc.returncode == 0
     assert b"\r[" in err and b"% " in err and b"decisions" in err
     assert b"replay: 3619 packets" in err
+
+
+def test_parallel_output_order_is_deterministic(capsys, rules: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    cap = corpus / "pcap" / "capture.pcap"
+    _, first, _ = run(capsys, "--rules", rules, "--jobs", "3", cap)
+    _, second, _ = run(capsys, "--rules", rules, "--jobs", "3", cap)
+    _, serial, _ = run(capsys, "--rules", rules, cap)
+    assert first == second
+    # Decisions completed by packets come in the serial order.
+    assert [r for r in first if r["kind"] == "http"] == [r for r in serial if r["kind"] == "http"]

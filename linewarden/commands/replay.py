@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import heapq
 import os
 import queue
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +41,13 @@ PROGRESS_EVERY_S = 0.2
 
 BATCH_ITEMS = 512
 """Items a worker process sends to the parent at a time (amortises the pipe)."""
+
+MARK_EVERY = 8192
+"""Packets between a worker's progress marks (``--jobs``): how far the parent can
+merge the workers' outputs without waiting for a worker with nothing to say."""
+
+FINISH_INDEX = 1 << 62
+"""Packet number given to the outputs of the end of the capture (after every packet)."""
 
 QUEUE_BATCHES_PER_JOB = 8
 """Bound of the worker → parent queue, in batches per worker: workers wait
@@ -64,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keyword matcher backend (default: auto = hyperscan when installed)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="worker processes, each deciding a share of the flows (0 = one per CPU; default 1). "
-                   "Same decisions; their output order then interleaves the workers'")
+                   "Same decisions, in a deterministic order (by the packet that completed each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="pcap or pcapng files, replayed in order")
     p.set_defaults(func=run)
@@ -181,7 +190,10 @@ class _Session:
 
         replay = Replay(self.engine, want_conns=self.want_conns)
         self.stats = replay.stats
-        for item in _replay_files(replay, self.files, self.capture, self._error, self._draw if self.progress else None):
+        for _, item in _replay_files(replay, self.files, self.capture, self._error,
+                                     self._draw if self.progress else None):
+            if item is None:
+                continue
             converted = convert(item)
             if converted is not None:
                 yield converted
@@ -210,7 +222,13 @@ class _Session:
         return procs, q
 
     def _collect(self, procs: list[Any], q: Any) -> Iterator[Any]:
+        """The workers' outputs merged in a deterministic order: by the packet that
+        completed each (every worker reads every packet, so packet numbers are
+        shared), then shard, then the worker's own order. An item is released once
+        every worker has reported progress past its packet (the watermarks)."""
         finished = 0
+        pending: list[deque[tuple[int, int, int, Any]]] = [deque() for _ in procs]
+        marks = [-1] * len(procs)
         try:
             while finished < self.jobs:
                 try:
@@ -222,7 +240,10 @@ class _Session:
                         break
                     continue
                 if kind == "items":
-                    yield from payload
+                    shard, batch, mark = payload
+                    pending[shard].extend(batch)
+                    marks[shard] = mark
+                    yield from _release(pending, min(marks))
                 elif kind == "error":
                     self._error(payload)
                 elif kind == "progress":
@@ -235,6 +256,7 @@ class _Session:
                 if p.is_alive() and finished < self.jobs:
                     p.terminate()
                 p.join()
+        yield from _release(pending, FINISH_INDEX)  # a worker that died leaves its last items
         self.file_bytes = self.total
 
     def _merge(self, shard: int, stats: dict[str, int], capture: dict[str, Any] | None) -> None:
@@ -280,13 +302,28 @@ class _Session:
         print(line + (f"; {'; '.join(notes)}" if notes else ""), file=err)
 
 
+def _release(pending: list[deque[tuple[int, int, int, Any]]], limit: int) -> Iterator[Any]:
+    """Items of every shard up to packet ``limit``, merged by (packet, shard, sequence)."""
+    ready = []
+    for d in pending:
+        take = []
+        while d and d[0][0] <= limit:
+            take.append(d.popleft())
+        ready.append(take)
+    for _, _, _, item in heapq.merge(*ready):
+        yield item
+
+
 def _replay_files(replay: Any, files: list[Path], capture: Any, error: Callable[[str], None],
-                  draw: Callable[[str, int, int], None] | None) -> Iterator[Any]:
-    """Every output of ``files`` through ``replay``; damaged files are reported to
+                  draw: Callable[[str, int, int], None] | None) -> Iterator[tuple[int, Any]]:
+    """``(packet number, output)`` for every output of ``files`` through ``replay``,
+    and ``(packet number, None)`` every ``MARK_EVERY`` packets (a watermark: all
+    outputs up to that packet were yielded). Damaged files are reported to
     ``error`` (the decisions before the damage were already yielded) and skipped."""
     from proxy.pcap import CaptureError, read_packets
 
     done = 0
+    number = 0
     for path in files:
         try:
             f = open(path, "rb")
@@ -298,7 +335,11 @@ def _replay_files(replay: Any, files: list[Path], capture: Any, error: Callable[
                 next_draw = 0.0
                 base = capture.bytes + 16 * capture.records
                 for n, pkt in enumerate(read_packets(f, capture)):
-                    yield from replay.packet(pkt)
+                    number += 1
+                    for item in replay.packet(pkt):
+                        yield number, item
+                    if not number % MARK_EVERY:
+                        yield number, None
                     if draw is not None and not n & 1023 and time.monotonic() >= next_draw:
                         next_draw = time.monotonic() + PROGRESS_EVERY_S
                         # Bytes consumed so far (record headers + data); the file's own
@@ -308,7 +349,8 @@ def _replay_files(replay: Any, files: list[Path], capture: Any, error: Callable[
             except CaptureError as exc:
                 error(f"{path}: {exc} (decisions before it were kept)")
         done += _size(path)
-    yield from replay.finish()
+    for item in replay.finish():
+        yield FINISH_INDEX, item
 
 
 def _worker(shard: int, jobs: int, engine: Any, files: list[Path], want_conns: bool,
@@ -328,16 +370,22 @@ def _worker(shard: int, jobs: int, engine: Any, files: list[Path], want_conns: b
     try:
         replay = Replay(engine, want_conns=want_conns, shard=(shard, jobs))
         capture = CaptureStats()
-        batch: list[Any] = []
-        for item in _replay_files(replay, files, capture, error, draw if progress else None):
+        batch: list[tuple[int, int, int, Any]] = []
+        seq = 0
+        for number, item in _replay_files(replay, files, capture, error, draw if progress else None):
+            if item is None:  # watermark: everything up to this packet is in the batch
+                q.put(("items", (shard, batch, number)))
+                batch = []
+                continue
             converted = convert(item)
             if converted is not None:
-                batch.append(converted)
+                batch.append((number, shard, seq, converted))
+                seq += 1
                 if len(batch) >= BATCH_ITEMS:
-                    q.put(("items", batch))
+                    # More outputs of this same packet may follow: mark the one before.
+                    q.put(("items", (shard, batch, number - 1)))
                     batch = []
-        if batch:
-            q.put(("items", batch))
+        q.put(("items", (shard, batch, FINISH_INDEX)))
         stats = dataclasses.asdict(replay.stats)
         cap = dataclasses.asdict(capture) if shard == 0 else None
         q.put(("done", (shard, stats, cap)))

@@ -5,7 +5,11 @@ Allowed pages must arrive byte-identical (gzip and chunked included), a blocked 
 is replaced by the 451 page, a blocked POST never reaches the server (the server's own
 log is checked), an SNI block ends the handshake, and the store holds records that
 match what happened, field by field, the NAT address and port included (the server
-logs the source address it saw; it must equal the record's nat_ip:nat_port).
+logs the source address it saw; it must equal the record's nat_ip:nat_port). The
+client first resolves www.lw.test through the shim (its query to the server's
+resolver is redirected to the gateway), so every conn record carries that name
+as ``dns_name`` (linewarden/dnsjoin.py), though DNS and HTTP run in separate
+worker processes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ SERVER_IP = "203.0.113.53"
 GW_WAN_IP = "203.0.113.1"
 CLIENT_IP = "198.51.100.10"
 PROXY_PORT = 8080
+DNS_PORT = 5353
 KEYWORD = "澳门赌场代理"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -40,7 +45,7 @@ def _skip_reason() -> str | None:
         return "needs root to create network namespaces"
     if not LAB.exists():
         return f"{LAB} (the namespace lab script) is missing"
-    for tool in ("ip", "nft"):
+    for tool in ("ip", "nft", "dnsmasq"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (./dev.sh test installs it as root)"
     if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
@@ -51,6 +56,18 @@ def _skip_reason() -> str | None:
 RULESET = 'name = "e2e-proxy"\nversion = 5\n\n[categories.gambling]\naction = "block"\n\n[categories.doh]\naction = "block"\n'
 KEYWORDS = f"id\tcategory\tkeyword\nK1\tgambling\t{KEYWORD}\n"
 DOMAINS = "id\tcategory\tdomain\nD1\tdoh\tdoh.lw.test\n"
+
+# The server's resolver: dnsmasq, authoritative for lw.test only, never recursing.
+DNSMASQ = f"""port=53
+listen-address={SERVER_IP}
+bind-interfaces
+no-resolv
+no-hosts
+no-poll
+local=/lw.test/
+local-ttl=300
+host-record=www.lw.test,{SERVER_IP}
+"""
 
 # The server: HTTP on :80 and TLS on :443, logging every request with the peer it saw.
 SERVER = r"""
@@ -106,6 +123,10 @@ CLIENT = r"""
 import json, socket, ssl, sys
 server = sys.argv[1]
 out = {}
+from dnslib import DNSRecord
+# Resolve first, as a browser does: to the server's resolver (nftables sends it to the shim).
+answer = DNSRecord.parse(DNSRecord.question("www.lw.test").send(server, 53, timeout=5))
+out["resolved"] = [str(rr.rdata) for rr in answer.rr]
 def http(name, raw, tls_sni=None):
     s = socket.create_connection((server, 443 if tls_sni else 80), timeout=10)
     port = s.getsockname()[1]
@@ -168,7 +189,7 @@ def lab(tmp_path: Path):
     if reason:
         pytest.skip(reason)
     prefix = "lw" + secrets.token_hex(2)
-    env = dict(os.environ, LW_LAB=prefix, LW_PROXY_PORT=str(PROXY_PORT))
+    env = dict(os.environ, LW_LAB=prefix, LW_PROXY_PORT=str(PROXY_PORT), LW_DNS_PORT=str(DNS_PORT))
     subprocess.run([str(LAB), "up"], env=env, check=True, capture_output=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -213,6 +234,10 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
                                                            SERVER_IP], stdout=out, stderr=subprocess.STDOUT)
     procs.append(server)
     _wait_for(server_out, b"ready", server, "server")
+    (tmp_path / "dnsmasq.conf").write_text(DNSMASQ)
+    procs.append(subprocess.Popen(_ns(prefix, "server") + [
+        "dnsmasq", "--keep-in-foreground", f"--conf-file={tmp_path / 'dnsmasq.conf'}", "--pid-file=",
+        "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -235,7 +260,9 @@ intercept = {'["www.lw.test"]' if intercept else '[]'}
 ca_dir = "{tmp_path / 'ca'}"
 upstream_verify = false
 [dns]
-enabled = false
+listen = "0.0.0.0:{DNS_PORT}"
+upstreams = ["{SERVER_IP}:53"]
+workers = {2 if intercept else 1}
 [[identity.binding]]
 ip = "{CLIENT_IP}"
 account = "alice"
@@ -249,12 +276,13 @@ account = "alice"
         lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
                               stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     procs.append(lw)
-    _wait_for(lw_log, b"upstreams", lw, "linewarden")
+    _wait_for(lw_log, b"linewarden: store", lw, "linewarden")  # printed once every service serves
 
     client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, path],
                             capture_output=True, timeout=120)
     assert client.returncode == 0, client.stderr.decode()
     got = json.loads(client.stdout)
+    assert got.pop("resolved") == [SERVER_IP]
 
     # Allowed pages: byte-identical, head and body, gzip and chunked included.
     import importlib.util
@@ -290,12 +318,16 @@ account = "alice"
     assert lw.wait(60) == 0, lw_log.read_text()
 
     from storage.query import query
-    from storage.records import Conn, Http, Tls
+    from storage.records import Conn, Dns, Http, Tls
 
     records = list(query(store))
     https = [r for r in records if isinstance(r, Http)]
     conns = {r.uid: r for r in records if isinstance(r, Conn)}
     tlss = [r for r in records if isinstance(r, Tls)]
+    # The shim recorded the resolution, and every connection to the answer names it.
+    assert [(d.client_ip, d.qname, d.answers) for d in records if isinstance(d, Dns)] == [
+        (CLIENT_IP, "www.lw.test", [SERVER_IP])]
+    assert {(c.server_ip, c.dns_name) for c in conns.values()} == {(SERVER_IP, "www.lw.test")}
     by_port = {g["port"]: name for name, g in got.items()}
     peers = {(s["peer"][0], s["peer"][1]) for s in seen}
     for h in https:

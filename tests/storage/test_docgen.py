@@ -1,4 +1,4 @@
-"""docs/storage.md: the generated field and settings references match the code."""
+"""README.md: the generated field and settings references match the code."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 from storage.docgen import config_reference, field_reference, render
 from storage.records import RECORD_TYPES
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "storage.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_doc_matches_the_structs_and_config():
     text = DOC.read_text(encoding="utf-8")
-    assert render(text) == text, "docs/storage.md is stale: run `python -m storage.docgen docs/storage.md`"
+    assert render(text) == text, "README.md is stale: run `python -m storage.docgen README.md`"
 
 
 def test_every_field_of_every_kind_is_documented():

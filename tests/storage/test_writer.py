@@ -247,3 +247,26 @@ async def test_restart_does_not_sign_over_a_change_made_while_down(tmp_path):
     alarms = [a for a in query(s, kind="alarm") if a.alarm_kind == "integrity_failure"]
     assert len(alarms) == 1 and DAYS[0] in alarms[0].detail
     assert not verify_store(s, now=NOW).ok
+
+
+async def test_a_failed_commit_is_rolled_back_and_retried_without_loss(tmp_path):
+    """A real failure: another connection takes the batch number the writer needs next, so
+    its commit fails (UNIQUE) and rolls back; once the row is gone the retry succeeds."""
+    s = tmp_path / "s"
+    w = RecordWriter(s, StoreConfig(commit_interval_ms=10), clock=clock)
+    await w.start()
+    w.submit(Conn(ts=day_start(DAYS[0]), account="first"))
+    await w.flush()
+    with sqlite3.connect(day_path(s, DAYS[0])) as c:
+        c.execute("INSERT INTO batches VALUES (1, 999, 999, 0, 0, zeroblob(32))")
+    for i in range(3):
+        w.submit(Conn(ts=day_start(DAYS[0]) + 1 + i, account=f"new-account-{i}", dns_name=f"n{i}.example"))
+    await asyncio.sleep(0.8)
+    assert w.committed == 1 and w.last_error is not None  # failing and retrying
+    with sqlite3.connect(day_path(s, DAYS[0])) as c:
+        c.execute("DELETE FROM batches WHERE first_id = 999")
+    await asyncio.wait_for(w.flush(), 30)
+    await w.close()
+    assert {r.account for r in query(s, kind="conn")} == {"first", "new-account-0", "new-account-1", "new-account-2"}
+    assert len(list(query(s, domain="example"))) == 3
+    assert verify_store(s, now=NOW).ok
