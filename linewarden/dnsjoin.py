@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +61,9 @@ from storage.records import Conn, Dns, Record
 US = 1_000_000
 
 JOIN_MAX_ENTRIES = 65_536
-"""(client, address) pairs remembered, least recently resolved forgotten first.
+"""(client, address) pairs remembered. Past it the least recently resolved quarter is
+forgotten at once (one O(n) sweep per n/4 answers: amortised O(1), and cheaper per
+query than an LRU's bookkeeping on this path, which every DNS answer takes).
 A gateway for a few hundred clients, each resolving a few hundred distinct
 addresses an hour, fits; one entry costs ~250 bytes, so the table stays under
 ~16 MB whatever the traffic (a client resolving random names cannot grow it)."""
@@ -87,8 +90,10 @@ _ADDR_QTYPES = frozenset((1, 28))  # A, AAAA
 
 
 def _is_address(text: str) -> bool:
-    """An answer's text is an address (A: dotted quad; AAAA: has a colon), not a CNAME target."""
-    return ":" in text or (text.count(".") == 3 and text.replace(".", "").isdigit())
+    """An answer's text is an address, not a CNAME target: an AAAA address has a colon
+    (a name never does), and an A address ends with a digit where a name ends with its
+    top-level label, which is never all-numeric (RFC 3696 section 2)."""
+    return ":" in text or text[-1:].isdigit()
 
 
 class DnsJoin:
@@ -99,7 +104,7 @@ class DnsJoin:
         self.max_entries = max_entries
         self.hold_us = int(hold_s * US)
         self.hold_max = hold_max
-        self.table: collections.OrderedDict[tuple[str, str], tuple[str, int]] = collections.OrderedDict()
+        self.table: dict[tuple[str, str], tuple[str, int]] = {}
         """(client ip, address) → (qname, expiry µs), in order of resolution (latest last)."""
         self.held: collections.deque[tuple[int, Conn]] = collections.deque()
         """(release time µs, record) of Conn records waiting for their Dns record."""
@@ -120,13 +125,13 @@ class DnsJoin:
         value = (qname[:-1] if qname.endswith(".") else qname, ts + life * US)
         table = self.table
         for a in answers:
-            if _is_address(a):
+            if ":" in a or a[-1:].isdigit():  # _is_address, inlined: this runs for every query
                 key = (client_ip, a)
-                if key in table:
-                    table.move_to_end(key)
+                table.pop(key, None)  # re-inserted last: the newest resolution
                 table[key] = value
-        while len(table) > self.max_entries:
-            table.popitem(last=False)
+        if len(table) > self.max_entries:
+            for key in list(itertools.islice(table, len(table) - self.max_entries * 3 // 4)):
+                del table[key]
 
     def name_for(self, client_ip: str, server_ip: str, ts: int) -> str | None:
         """The name ``client_ip`` last resolved to ``server_ip``, if still valid at ``ts`` (µs)."""
@@ -220,6 +225,15 @@ class JoinSink:
         return getattr(self.writer, name)
 
     def submit(self, record: Record) -> bool:
+        kind = type(record)
+        if kind is Dns:
+            # Inline for the common case (every DNS query passes here): learn, pass on.
+            r: Any = record
+            if r.answers and r.qtype in _ADDR_QTYPES and r.client_ip and r.qname:
+                self.join.learn(r.client_ip, r.qname, r.answers, r.ts)
+            return self.writer.submit(record)  # type: ignore[no-any-return]
+        if kind is not Conn:
+            return self.writer.submit(record)  # type: ignore[no-any-return]
         out = self.join.feed(record, self.clock())
         if self._timer is None and self.join.held:
             self._arm()

@@ -27,8 +27,8 @@ Managed directory layout (``rules.managed_dir``, default ``<store>/rules``)::
     slots/SLOT/           ruleset.toml, *.tsv (+ manifest.json of a pushed bundle)
     incoming/             bundles being verified (removed afterwards)
 
-Only the current and the previous slot are kept. The rule set running before the
-first reload is copied in as the first slot (``initial``), so it can be rolled back to.
+Only the current and the previous slot are kept. At start, the rule set compiled from
+``rules.dir`` is copied in as a slot (``initial``), so it can be rolled back to.
 At start, ``run`` loads the installed current slot when it came from a push or a
 rollback (it is what the appliance was running); otherwise (``initial``, ``reload``)
 the configured ``rules.dir``, which may have been edited since. ``state.json`` is written by
@@ -160,6 +160,18 @@ class RulesManager:
             return await self._activate("rules.rollback", who, d, f"slot {prev}", move=False,
                                         slot=str(prev), origin="rollback")
 
+    async def snapshot_active(self) -> None:
+        """At start: copy the rule set just compiled from ``rules.dir`` into a slot, so a
+        later rollback returns to exactly it even when the directory is edited meanwhile.
+        (Nothing to do when the running rules are an installed slot already.)"""
+        if self.active.parent == self.managed / "slots":
+            return
+        slot = f"v{self.engine_ref.engine.version}-initial-{now_us()}"
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: _copy_rules(self.active, self.managed / "slots" / slot))
+        self._set_current(slot, "initial")
+        self.active = self.managed / "slots" / slot
+
     # -- the steps ---------------------------------------------------------------------
 
     async def _activate(self, op: str, who: str, src: Path, target: str, *, move: bool,
@@ -175,10 +187,6 @@ class RulesManager:
             return self._refused(op, who, old.version, None, [str(p) for p in e.problems[:50]])
         except Exception as e:  # a compile failure of any kind leaves the rules running
             return self._refused(op, who, old.version, None, [f"{type(e).__name__}: {e}"])
-        if not self._state().get("current"):
-            initial = f"v{old.version}-initial-{now_us()}"
-            await loop.run_in_executor(None, lambda: _copy_rules(self.active, self.managed / "slots" / initial))
-            self._set_current(initial, "initial")
         if slot is None:
             slot = f"v{engine.version}-{now_us()}"
             dest = self.managed / "slots" / slot
@@ -189,7 +197,7 @@ class RulesManager:
         dest = self.managed / "slots" / slot
         errors = await self._reload_workers(str(dest))
         if errors:
-            await self._reload_workers(str(self._current_dir() or self.configured))
+            await self._reload_workers(str(self.active))
             if slot != self._state().get("previous"):
                 shutil.rmtree(dest, ignore_errors=True)
             return self._refused(op, who, old.version, engine.version, errors)
@@ -342,6 +350,7 @@ async def start_control(app: Any) -> tuple[RulesManager, Any]:
                     "rules_dir": str(app.rules_dir), "errors": [], "message": ""}
         return {"ok": False, "errors": [f"unknown op {op!r} (push, rollback, reload, status)"]}
 
+    await manager.snapshot_active()
     server = ControlServer(control_path(cfg), handle, group=cfg.rules.control_group)
     await server.start()
     return manager, server

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from proxy.community_id import community_id
+from storage.communityid import community_id
 from rules.verdict import Match, Verdict, combine_action
 from storage.records import Conn, Http, Tls
 
@@ -74,7 +74,7 @@ class ConnInfo:
             cid = None
             if self.server_ip and self.server_port:
                 try:
-                    cid = community_id(6, self.client_ip, self.server_ip, self.client_port, self.server_port)
+                    cid = community_id(6, self.client_ip, self.client_port, self.server_ip, self.server_port)
                 except ValueError:
                     cid = None  # mixed address families (v4 client, v6 server): no flow hash
             self._cid = (self.server_ip, self.server_port, cid)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import dnslib
 
-from proxy.community_id import community_id
+from storage.communityid import community_id
 from proxy.pcap import TH_ACK, TH_FIN, TH_RST, TH_SYN, Packet, ip_text
 from proxy.reassembly import Gap, HalfStream, ReassemblyLimits
 from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, NeedMoreData, looks_like_tls, parse_client_hello
@@ -266,7 +266,7 @@ class _Flow:
         self.client = (src, sport)
         self.cip, self.cport, self.sip, self.sport = ip_text(src), sport, ip_text(dst), dport
         self.first_ts = self.last_ts = pkt.ts
-        self.cid = community_id(pkt.proto, src, dst, sport, dport)
+        self.cid = community_id(pkt.proto, src, sport, dst, dport)
         self.uid = _uid(self.cid, pkt.ts)
         self.mac = _mac_text(pkt.mac) if from_client else None
         self.bytes_up = self.bytes_down = 0

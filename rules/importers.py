@@ -259,11 +259,7 @@ def read_list(fmt: str, path: Path, report: ImportReport) -> list[DomainEntry | 
 
 
 def _read(fmt: str, path: Path, report: ImportReport, out: list, seen: set[Path], depth: int) -> None:
-    real = path.resolve()
-    if real in seen:
-        report.skipped.append((str(path), 0, "include loop: file already read"))
-        return
-    seen.add(real)
+    seen.add(path.resolve())
     parser = {"hosts": parse_hosts_line, "domains": parse_domain_line,
               "adblock": parse_adblock_line, "e2guardian": parse_e2guardian_line}[fmt]
     for lineno, line in enumerate(_lines(path), start=1):
@@ -285,6 +281,8 @@ def _read(fmt: str, path: Path, report: ImportReport, out: list, seen: set[Path]
                 report.skipped.append((str(path), lineno, f"include too deep: more than {MAX_INCLUDE_DEPTH} levels"))
             elif not target.is_file():
                 report.skipped.append((str(path), lineno, f"include not found: {got.path}"))
+            elif target.resolve() in seen:
+                report.skipped.append((str(path), lineno, f"include loop: {got.path} already read"))
             else:
                 _read(fmt, target, report, out, seen, depth + 1)
             continue

@@ -78,14 +78,15 @@ def test_a_given_ttl_is_floored_and_capped(ttl: int, life: int) -> None:
     assert j.name_for("10.0.0.5", "192.0.2.1", T0 + life * US + 1) is None
 
 
-def test_the_table_limit_forgets_the_least_recently_resolved() -> None:
-    j = DnsJoin(max_entries=3)
-    for i in range(5):
+def test_past_the_table_limit_the_least_recently_resolved_quarter_is_forgotten() -> None:
+    j = DnsJoin(max_entries=8)
+    for i in range(8):
         j.learn("10.0.0.5", f"n{i}.example", [f"192.0.2.{i}"], T0)
-    j.learn("10.0.0.5", "again.example", ["192.0.2.2"], T0)  # resolved again: now the newest
-    j.learn("10.0.0.5", "n9.example", ["192.0.2.9"], T0)
-    assert len(j.table) == 3
-    assert [k[1] for k in j.table] == ["192.0.2.4", "192.0.2.2", "192.0.2.9"]
+    j.learn("10.0.0.5", "again.example", ["192.0.2.0"], T0)  # resolved again: now the newest
+    assert len(j.table) == 8
+    j.learn("10.0.0.5", "n9.example", ["192.0.2.9"], T0)  # one over: down to 6
+    assert [k[1] for k in j.table] == [f"192.0.2.{i}" for i in (4, 5, 6, 7, 0, 9)]
+    assert j.name_for("10.0.0.5", "192.0.2.0", T0) == "again.example"
 
 
 def test_a_named_conn_and_other_records_pass_untouched() -> None:

@@ -468,9 +468,9 @@ def test_records_carry_capture_time_and_community_id(engine: Engine) -> None:
     assert {r.uid for r in http} == {conn.uid}
     assert all(r.ts >= 1_750_000_000_000_000 for r in http)
     assert conn.community_id == http[0].community_id
-    from proxy.community_id import community_id
+    from storage.communityid import community_id
 
-    assert conn.community_id == community_id(6, "192.0.2.10", "198.51.100.20", 40000, 80)
+    assert conn.community_id == community_id(6, "192.0.2.10", 40000, "198.51.100.20", 80)
     assert conn.close_reason == "fin" and conn.action == "block" and conn.bytes_up > 0 and conn.bytes_down > 0
     blocked = next(r for r in http if r.action == "block" and r.keyword == KEYWORD)
     assert blocked.category == "drugs" and KEYWORD in (blocked.snippet or "")
