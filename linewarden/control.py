@@ -102,7 +102,11 @@ class ControlServer:
                     asyncio.LimitOverrunError, TimeoutError) as e:
                 answer: dict[str, Any] = {"ok": False, "errors": [f"bad request: {e}"]}
             else:
-                answer = await self.handler(req, payload, peer)
+                try:
+                    answer = await self.handler(req, payload, peer)
+                except Exception as e:  # the caller hears about it; the service keeps running
+                    log.exception("control request %r failed", req.get("op"))
+                    answer = {"ok": False, "errors": [f"internal error: {type(e).__name__}: {e}"]}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except Exception:

@@ -137,7 +137,8 @@ class RulesManager:
                 if b.version <= running:
                     log.warning("downgrade %d -> %d allowed by %s", running, b.version, who)
                 target = f"{b.name} v{b.version} (signed by {b.key}, manifest sha256 {b.manifest_sha256[:16]})"
-                return await self._activate(op, who, b.dir / "rules", target, move=True, origin="push")
+                return await self._activate(op, who, b.dir / "rules", target, move=True, origin="push",
+                                            ruleset=b.ruleset)
             finally:
                 path.unlink(missing_ok=True)
                 shutil.rmtree(work, ignore_errors=True)
@@ -175,14 +176,16 @@ class RulesManager:
     # -- the steps ---------------------------------------------------------------------
 
     async def _activate(self, op: str, who: str, src: Path, target: str, *, move: bool,
-                        origin: str, slot: str | None = None) -> Result:
+                        origin: str, slot: str | None = None, ruleset: Any = None) -> Result:
         from rules.engine import Engine
         from rules.errors import RuleSetError
 
         loop = asyncio.get_running_loop()
         old = self.engine_ref.engine
         try:
-            engine = await loop.run_in_executor(None, lambda: Engine.from_dir(src, backend=self.backend))
+            engine = await loop.run_in_executor(None, lambda: (
+                Engine.compile(ruleset, backend=self.backend) if ruleset is not None
+                else Engine.from_dir(src, backend=self.backend)))
         except RuleSetError as e:
             return self._refused(op, who, old.version, None, [str(p) for p in e.problems[:50]])
         except Exception as e:  # a compile failure of any kind leaves the rules running

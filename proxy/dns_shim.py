@@ -24,6 +24,10 @@ Per query (rules kept):
    every upstream failed.
 5. One record per query, submitted before the answer is sent; when the writer
    refuses it (fail-closed overflow policy) the client gets SERVFAIL instead.
+   A cache hit's record is a copy of the previous hit's record for the same
+   entry, client and question case with only the per-query fields replaced
+   (``RECORD_MEMO_MAX``): building a 23-field record costs more than the rest
+   of the hit path.
 
 Time: the adapter reads the clocks (``time.time_ns`` for record timestamps,
 ``time.monotonic`` for cache and timeouts) and passes them down (STYLE.md 2).
@@ -44,6 +48,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
+import msgspec
 from dnslib import EDNS0, HTTPS, QTYPE, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.buffer import Buffer
 
@@ -55,6 +60,7 @@ from rules.verdict import Verdict, combine_action
 from storage.records import Alarm, Dns
 
 log = logging.getLogger("linewarden.dns")
+_replace = msgspec.structs.replace
 
 _rng = random.SystemRandom()
 """Query ids and source sockets come from the OS's CSPRNG: an off-path spoofer must
@@ -63,6 +69,11 @@ not predict them (RFC 5452 9.2; Mersenne Twister output can be reconstructed).""
 VERDICT_MEMO_MAX = 200_000
 """Names whose verdict is memoised per engine; the memo is cleared when full
 (simpler and as good as LRU for a working set that fits)."""
+RECORD_MEMO_MAX = 16_384
+"""Cache-hit record prototypes kept, one per (cache entry, client ip, transport,
+question case); cleared when full. A hit's record is ``replace(prototype, ts=...,
+uid=..., client_port=..., dns_id=..., latency_us=...)``: measured 0.55 us against
+2.3-3.1 us for building all 23 fields. ~600 bytes each: ~10 MB at most."""
 MAX_INFLIGHT = 10_000
 """Distinct questions waiting for upstreams at once. Past it new misses get
 SERVFAIL at once: memory stays bounded when upstreams stall under a flood."""
@@ -393,6 +404,10 @@ class DnsShim:
         self._health: asyncio.Task[None] | None = None
         self._uid_prefix = uid_prefix or f"D{secrets.token_hex(3)}."
         self._uid = itertools.count(1)
+        self._protos: dict[tuple[int, str, str, str], tuple[CacheEntry, Verdict, Any, Dns]] = {}
+        """RECORD_MEMO_MAX: (id(entry), client ip, transport, qname) → (entry, verdict,
+        identity binding, record). The entry, verdict and binding are held and compared
+        by identity, so a reused id() or a reload (new verdicts) never matches."""
         self._listen = parse_hostport(config.listen, 53)
         self.udp_sock: socket.socket | None = None
         self.udp_address: tuple[str, int] | None = None
@@ -590,7 +605,8 @@ class DnsShim:
                     self._block(data, q, client, transport, send, t_ns, verdict, hit)
                     return
         self._finish(data, q, client, transport, send, t_ns, verdict,
-                     entry.wire.render(data, q, now), entry.rcode, entry.answers, hit, upstream)
+                     entry.wire.render(data, q, now), entry.rcode, entry.answers, hit, upstream,
+                     entry=entry if hit and upstream is None else None)
 
     def _block(self, data: bytes, q: fp.Query, client: Any, transport: str,
                send: Callable[[bytes], None], t_ns: int, verdict: Verdict, hit: bool) -> None:
@@ -613,19 +629,33 @@ class DnsShim:
                 send: Callable[[bytes], None], t_ns: int, verdict: Verdict, resp: bytes,
                 rcode: int, answers: list[str], hit: bool,
                 upstream: tuple[UpstreamSocket | None, Upstream] | None,
-                alarm_category: str | None = None) -> None:
-        """Record, then answer (rule 5)."""
+                alarm_category: str | None = None, entry: CacheEntry | None = None) -> None:
+        """Record, then answer (rule 5). ``entry``: the cache entry of a hit (prototype memo)."""
         if transport == "udp" and len(resp) > q.udp_size:
             # RFC 1035 4.2.1 / RFC 6891 7: too big for this client over UDP: TC, it retries on TCP.
             resp = fp.build_truncated(data, q)
             answers = []
             rcode = fp.NOERROR
             self.stats["truncated"] += 1
+            entry = None
         ip, port = client[0], client[1]
         ident = self.identity.lookup(ip)
+        now_ns = time.time_ns()
+        if entry is not None:
+            key = (id(entry), ip, transport, q.qname)
+            memo = self._protos.get(key)
+            if memo is not None and memo[0] is entry and memo[1] is verdict and memo[2] is ident:
+                uid = f"{self._uid_prefix}{next(self._uid):x}"
+                rec = _replace(memo[3], ts=t_ns // 1000, uid=uid, client_port=port, dns_id=q.id,
+                               latency_us=max(0, (now_ns - t_ns) // 1000))
+                if self.writer.submit(rec):
+                    send(resp)
+                else:
+                    self.stats["unrecorded"] += 1
+                    send(fp.build_rcode(data, q, fp.SERVFAIL))
+                return
         account = ident.account if ident else None
         mac = ident.mac if ident else None
-        now_ns = time.time_ns()
         server = nat = None
         if upstream is not None:
             sock, up = upstream
@@ -643,6 +673,10 @@ class DnsShim:
             answers=answers, dns_id=q.id, transport=transport, cache_hit=hit,
             latency_us=max(0, (now_ns - t_ns) // 1000),
         )
+        if entry is not None:
+            if len(self._protos) >= RECORD_MEMO_MAX:
+                self._protos.clear()
+            self._protos[(id(entry), ip, transport, q.qname)] = (entry, verdict, ident, rec)
         ok = self.writer.submit(rec)
         if alarm_category is not None:
             m = next(m for m in verdict.matches if m.action == "block")

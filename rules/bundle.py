@@ -39,8 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rules.errors import LinewardenError
-from rules.ruleset import RULE_FILES, check_ruleset, load_ruleset
+from rules.errors import LinewardenError, RuleSetError
+from rules.ruleset import RULE_FILES, RuleSet, load_ruleset
 
 FORMAT = "linewarden-rules"
 FORMAT_VERSION = 1
@@ -77,6 +77,8 @@ class Bundle:
     """Fingerprint of the key that signed it."""
     dir: Path
     manifest_sha256: str
+    ruleset: RuleSet | None = None
+    """The validated rule set (so the caller compiles it without reading it again)."""
 
 
 def pack(rules_dir: Path, out: Path, key: Any, *, now: datetime) -> dict[str, Any]:
@@ -85,10 +87,10 @@ def pack(rules_dir: Path, out: Path, key: Any, *, now: datetime) -> dict[str, An
     The rule set must validate first: a maintainer never ships a bundle every gateway
     would refuse. Returns the manifest.
     """
-    problems = check_ruleset(rules_dir)
-    if problems:
-        raise BundleError([f"rule set does not validate: {p}" for p in problems[:20]])
-    rs = load_ruleset(rules_dir)
+    try:
+        rs = load_ruleset(rules_dir)
+    except RuleSetError as e:
+        raise BundleError([f"rule set does not validate: {p}" for p in e.problems[:20]]) from None
     files = [f for f in BUNDLE_FILES if (rules_dir / f).is_file()]
     manifest = {
         "format": FORMAT,
@@ -224,14 +226,14 @@ def verify_bundle(
             reasons.append(f"{f}: SHA-256 does not match the manifest (altered after signing)")
     if reasons:
         raise BundleError(reasons)
-    problems = check_ruleset(dest / "rules")
-    if problems:
-        raise BundleError([f"invalid rule set: {p}" for p in problems[:50]])
-    rs = load_ruleset(dest / "rules")
+    try:
+        rs = load_ruleset(dest / "rules")
+    except RuleSetError as e:
+        raise BundleError([f"invalid rule set: {p}" for p in e.problems[:50]]) from None
     if (rs.name, rs.version) != (name, version):
         raise BundleError([f"ruleset.toml says {rs.name} v{rs.version}, the manifest {name} v{version}"])
     if running_version is not None and version <= running_version and not allow_downgrade:
         raise BundleError([f"version {version} is not higher than the running version "
                            f"{running_version} (an older or equal rule set needs --allow-downgrade)"])
     return Bundle(name, version, created, keys.fingerprint(signer), dest,
-                  hashlib.sha256(manifest_bytes).hexdigest())
+                  hashlib.sha256(manifest_bytes).hexdigest(), rs)

@@ -123,20 +123,15 @@ class Html(PlainText):
         self._html = HtmlText()
 
     def feed(self, data: bytes) -> list[Event]:
-        return self._events(self._html.feed(self._decoder.feed(data)))
+        text = self._html.feed_text(self._decoder.feed(data))
+        return [text_event(self.where, text)] if text else []
 
     def finish(self) -> list[Event]:
-        pieces = self._html.feed(self._decoder.finish()) + self._html.finish()
-        return self._events(pieces)
-
-    def _events(self, pieces: list[str | None]) -> list[Event]:
         # One event per feed, run breaks inline as RUN_BREAK: pages have a block tag
         # every ~100 bytes, and an event (and a matcher call) per run would cost more
         # than all the decoding (benchmarks/bench_matcher.py).
-        if not pieces:
-            return []
-        joined = "".join([RUN_BREAK if piece is None else piece for piece in pieces])
-        return [text_event(self.where, joined)]
+        text = self._html.feed_text(self._decoder.finish()) + self._html.finish_text()
+        return [text_event(self.where, text)] if text else []
 
 
 class FormUrlencoded:

@@ -279,6 +279,23 @@ async def test_second_query_is_a_cache_hit_with_the_clients_id_and_case(rig: Rig
     assert recs[1].answers == ["192.0.2.10"]
 
 
+async def test_repeated_hits_get_records_of_their_own_from_the_prototype(rig: Rig, zones: list[Zone]) -> None:
+    """Hits after the first copy the previous hit's record (RECORD_MEMO_MAX): every
+    per-query field is still the query's own, and a different case is its own prototype."""
+    await rig.ask("www.lw.test", qid=1)
+    for qid in (2, 3, 4):
+        await rig.ask("www.lw.test", qid=qid)
+    await rig.ask("WWW.lw.test", qid=5)
+    recs = dns_records(await rig.records())
+    hits = recs[1:]
+    assert [x.dns_id for x in hits] == [2, 3, 4, 5] and all(x.cache_hit for x in hits)
+    assert len({x.uid for x in recs}) == 5 and len({x.client_port for x in hits}) == 4
+    assert [x.qname for x in hits] == ["www.lw.test"] * 3 + ["WWW.lw.test"]
+    assert [x.ts for x in hits] == sorted(x.ts for x in hits) and all(x.latency_us is not None for x in hits)
+    assert all(x.answers == ["192.0.2.10"] and x.server_ip is None and x.rcode_name == "NOERROR" for x in hits)
+    assert len(rig.shim._protos) == 2
+
+
 async def test_listed_name_gets_nxdomain_and_an_alarm_without_asking_upstream(rig: Rig, zones: list[Zone]) -> None:
     r = await rig.ask("www.casino.lw.test")
     assert r.header.rcode == RCODE.NXDOMAIN and r.rr == []
