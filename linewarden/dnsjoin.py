@@ -19,7 +19,9 @@ Strategy:
   names what was blocked).
 * A ``Conn`` record without ``dns_name`` gets the entry for
   (client_ip, server_ip) when the connection started (``ts``) before the entry
-  expired. Http and Tls records are left as they are: they carry ``host`` and
+  expired. The lookup happens when the record passes, at the connection's end;
+  a client that re-resolved the address meanwhile gives its latest name (for a
+  long connection that is nearly always the same name). Http and Tls records are left as they are: they carry ``host`` and
   ``sni``, and the schema has no ``dns_name`` for them.
 * The race: the Dns record of a resolution always precedes the connection that
   uses it, but it travels over another worker's channel (batched up to
@@ -89,13 +91,6 @@ connections to unresolved addresses."""
 _ADDR_QTYPES = frozenset((1, 28))  # A, AAAA
 
 
-def _is_address(text: str) -> bool:
-    """An answer's text is an address, not a CNAME target: an AAAA address has a colon
-    (a name never does), and an A address ends with a digit where a name ends with its
-    top-level label, which is never all-numeric (RFC 3696 section 2)."""
-    return ":" in text or text[-1:].isdigit()
-
-
 class DnsJoin:
     """The (client ip, address) → name table and the Conn records waiting for it."""
 
@@ -125,7 +120,10 @@ class DnsJoin:
         value = (qname[:-1] if qname.endswith(".") else qname, ts + life * US)
         table = self.table
         for a in answers:
-            if ":" in a or a[-1:].isdigit():  # _is_address, inlined: this runs for every query
+            # An address, not a CNAME target: an AAAA address has a colon (a name never
+            # does); an A address ends with a digit where a name ends with its top-level
+            # label, never all-numeric (RFC 3696 section 2). Inline: runs for every query.
+            if ":" in a or a[-1:].isdigit():
                 key = (client_ip, a)
                 table.pop(key, None)  # re-inserted last: the newest resolution
                 table[key] = value

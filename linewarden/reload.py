@@ -38,6 +38,7 @@ tmp-file + rename, so a crash leaves the old or the new state, never half of one
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -205,6 +206,7 @@ class RulesManager:
                 shutil.rmtree(dest, ignore_errors=True)
             return self._refused(op, who, old.version, engine.version, errors)
         self.engine_ref.swap(engine)
+        gc.freeze()  # as at start (linewarden/app.py): the cyclic GC need not walk the rule set
         self._set_current(slot, origin)
         self.active = dest
         if self.on_swap is not None:

@@ -68,10 +68,28 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
          (codecs.BOM_UTF16_BE, "utf-16-be"))
 
 
+_LOOKUP_CACHE: dict[str | bytes, str | None] = {}
+LOOKUP_CACHE_SIZE = 1024
+"""Labels remembered by ``lookup`` (a message asks up to three times, and real traffic
+uses a handful of labels); bounded since labels come from the traffic."""
+
+
 def lookup(label: str | bytes | None) -> str | None:
     """WHATWG encoding label -> Python codec name; None for unknown or unsafe labels."""
     if label is None:
         return None
+    try:
+        return _LOOKUP_CACHE[label]
+    except KeyError:
+        pass
+    codec = _lookup(label)
+    if len(_LOOKUP_CACHE) >= LOOKUP_CACHE_SIZE:
+        _LOOKUP_CACHE.clear()
+    _LOOKUP_CACHE[label] = codec
+    return codec
+
+
+def _lookup(label: str | bytes) -> str | None:
     if isinstance(label, bytes):
         label = label.decode("latin-1")
     label = label.strip().strip("\"'").strip().lower()
@@ -107,7 +125,10 @@ def prescan_meta(data: bytes) -> str | None:
 def decodes(codec: str, data: bytes, final: bool) -> bool:
     """True if ``data`` is valid in ``codec`` (an incomplete tail is fine unless final)."""
     try:
-        codecs.getincrementaldecoder(codec)("strict").decode(data, final)
+        if codec == "utf-8":  # what the incremental UTF-8 decoder calls, without building one
+            codecs.utf_8_decode(data, "strict", final)
+        else:
+            codecs.getincrementaldecoder(codec)("strict").decode(data, final)
     except UnicodeDecodeError:
         return False
     return True
@@ -122,7 +143,12 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
     """One-shot decode of a short value (a form field, a path segment): the declared
     charset if it decodes, else UTF-8 if valid, else GB18030 (invalid bytes -> U+FFFD)."""
     codec = lookup(declared)
-    if codec is None or not decodes(codec, data, True):
+    if codec is None:
+        try:  # sniff: valid UTF-8 is UTF-8 (the commonest case, one decode)
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("gb18030", "replace")
+    if not decodes(codec, data, True):
         codec = sniff(data, True)
     return data.decode(codec, "replace")
 

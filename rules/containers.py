@@ -76,10 +76,26 @@ def text_event(where: str, text: str) -> Text:
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 
+_CONTENT_TYPES: dict[bytes | str, tuple[str, dict[str, str]]] = {}
+CONTENT_TYPE_CACHE_SIZE = 1024
+"""Content-Type values remembered by ``parse_content_type``: traffic repeats a few dozen
+values, and parsing one costs more than the rest of setting up a small message's
+decoder. Bounded (cleared when full) since the values come from the traffic."""
+
+
 def parse_content_type(value: bytes | str | None) -> tuple[str, dict[str, str]]:
     """``text/html; charset="gbk"`` -> ("text/html", {"charset": "gbk"}) (RFC 9110 8.3.1)."""
     if value is None:
         return "", {}
+    cached = _CONTENT_TYPES.get(value)
+    if cached is None:
+        if len(_CONTENT_TYPES) >= CONTENT_TYPE_CACHE_SIZE:
+            _CONTENT_TYPES.clear()
+        cached = _CONTENT_TYPES[value] = _parse_content_type(value)
+    return cached[0], dict(cached[1])  # a copy: callers own their params
+
+
+def _parse_content_type(value: bytes | str) -> tuple[str, dict[str, str]]:
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     mime, _, rest = value.partition(";")

@@ -177,6 +177,11 @@ class BodyDecoder:
 
     def _text(self, decoded: bytes, final: bool) -> list[Event]:
         if self._sniffing:
+            if final and not decoded and not self._held:
+                # No body at all (a GET): sniffing b"" gives text/plain, whose reader
+                # would produce nothing; skip building it.
+                self._mime, self._sniffing = sniff_media_type(b""), False
+                return []
             self._held += decoded
             if len(self._held) < SNIFF_MEDIA_BYTES and not final:
                 return []

@@ -129,7 +129,13 @@ _STRIDE = 4  # re.split yields: text, whole match, brk, stop
 # captured and classified in C (``_SEP_OF``) instead of by a trie of alternatives.
 _FAST = re.compile(
     "<(?:"
-    f"(?P<tag>/[A-Za-z][^{_WS}/>]*+|(?!(?:{_RAW_NAMES}){_END})[A-Za-z][^{_WS}/>]*+){_ATTRS}>"
+    # A start tag is not a raw-text one (all begin with "s" or "n": other letters skip
+    # the lookahead, which costs a tenth of the split).
+    f"(?P<tag>/[A-Za-z][^{_WS}/>]*+"
+    f"|(?:[A-MO-RT-Za-mo-rt-z]|(?!(?:{_RAW_NAMES}){_END})[NnSs])[^{_WS}/>]*+)"
+    # Without a quote before the first ">", _ATTRS runs exactly to it (only a quoted
+    # value can hold ">"): the cheap forms first, _ATTRS for tags with quotes.
+    f"""(?:>|[^>"']*+>|{_ATTRS}>)"""
     "|!--(?:-?>|.*?--!?>)"
     f"|{_RAW_COMPLETE}"
     "|!(?!--)[^>]*+>|\\?[^>]*+>|/(?![A-Za-z])[^>]*+>"
@@ -138,6 +144,7 @@ _FAST = re.compile(
     re.IGNORECASE | re.ASCII | re.DOTALL,
 )
 _FAST_STRIDE = 3  # text, tag, stop
+assert all(n[0] in "ns" for n in RAW_TEXT_SKIPPED)  # the start-tag shortcut in _FAST
 _SEP_OF = {**dict.fromkeys(BLOCK_ELEMENTS, "\x00"),
            **dict.fromkeys(["/" + n for n in BLOCK_ELEMENTS], "\x00")}.get
 """Lower-cased name token -> "\x00" (block: ends the run); "\x01" is the default."""
@@ -243,26 +250,33 @@ class HtmlText:
                 # Markup after the stop was split too; where the stop is is not known
                 # without the lengths of the matches: the reference splitter says.
                 return self._data_reference(data, pos, final, out)
-        texts = parts[0:_FAST_STRIDE * index + 1:_FAST_STRIDE]
+        stop = None
+        if index < len(stops):  # the stop is the last match: drop it and the text after
+            stop = stops[index]
+            # Only the text after the stop follows it ("<" + stop was matched).
+            at = len(data) - len(parts[-1]) - 1 - len(stop)
+            del parts[-3:]
         # Name token of each removed markup (None: a comment or a raw-text element) ->
-        # "\x00" for a block element, else "\x01", by C-level maps (no bytecode per tag).
-        # Lower-cased once over all tokens joined by NUL (dropped from ``data``, so it
-        # cannot be in a token; case mapping is per character).
-        tags = parts[1:_FAST_STRIDE * index:_FAST_STRIDE]
-        names = "\x00".join(map(_NONE_TO_EMPTY, tags, tags)).lower().split("\x00")
-        seps = list(map(_SEP_OF, names, repeat("\x01")))
-        if index == len(stops):
-            last = texts[-1]
+        # "\x00" for a block element, else "\x01", by a C-level map (no bytecode per tag).
+        # Tokens are nearly always lower case; any upper-case letter (ASCII folding, like
+        # the regex) sends all of them through str.lower, joined by NUL (dropped from
+        # ``data``, so in no token; case mapping is per character).
+        tags = parts[1::_FAST_STRIDE]
+        names = "\x00".join(filter(None, tags))
+        if names.lower() != names:
+            tags = "\x00".join(map(_NONE_TO_EMPTY, tags, tags)).lower().split("\x00")
+        # In place: text, separator, text ... (the stop slots, all None, removed).
+        parts[1::_FAST_STRIDE] = map(_SEP_OF, tags, repeat("\x01"))
+        del parts[2::_FAST_STRIDE]
+        if stop is None:
+            last = parts[-1]
             tail = _ENTITY_TAIL.search(last) if not final and "&" in last else None
             if tail is not None and len(tail.group()) < ENTITY_TAIL_CHARS:
-                texts[-1] = last[:tail.start()]
+                parts[-1] = last[:tail.start()]
                 self._carry = tail.group()
-            self._emit(texts, seps, out)
+            self._emit_joined(parts, out)
             return -1
-        self._emit(texts, seps, out)
-        stop = stops[index]
-        # The stop is the last match: only the text after it follows ("<" + stop matched).
-        at = len(data) - len(parts[-1]) - 1 - len(stop)
+        self._emit_joined(parts, out)
         return self._at_stop(data, at, stop, final, out)
 
     def _data_reference(self, data: str, pos: int, final: bool, out: list[str]) -> int:
@@ -336,12 +350,16 @@ class HtmlText:
         removed here). Character references are decoded once over the joined text; they
         cannot run across a separator because no reference contains either character."""
         if len(texts) == 1:
-            joined = texts[0]
+            self._emit_joined(texts, out)
         else:
             parts = [""] * (2 * len(texts) - 1)
             parts[0::2] = texts
             parts[1::2] = seps
-            joined = "".join(parts)
+            self._emit_joined(parts, out)
+
+    def _emit_joined(self, parts: list[str], out: list[str]) -> None:
+        """``_emit`` of the pieces already joined with their separators (in ``parts``)."""
+        joined = parts[0] if len(parts) == 1 else "".join(parts)
         if "&" in joined:
             # HTML 13.2.5.72-80 character reference states, as html.unescape implements
             # them (numeric, named with the longest-prefix rule, legacy names without ";").
@@ -360,7 +378,14 @@ class HtmlText:
                 out.append(joined)
                 self._in_run = True
             return
-        joined = _BLANK_RUNS.sub("\x00", joined)
+        runs = joined.split("\x00")
+        if len(runs) > 2:
+            # Middle runs that are empty or whitespace (str.strip and re's \s agree) go,
+            # as _BLANK_RUNS would fold them; cheaper than a regex stop at every break.
+            middle = runs[1:-1]
+            kept = list(filter(str.strip, middle))
+            if len(kept) != len(middle):
+                joined = "\x00".join([runs[0], *kept, runs[-1]])
         in_run, self._in_run = self._in_run, not joined.endswith("\x00")
         if not in_run and joined[0] == "\x00":
             joined = joined[1:]

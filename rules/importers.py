@@ -178,7 +178,9 @@ def parse_e2guardian_line(line: str) -> PhraseEntry | Include | None:
         if text.lower().startswith("listcategory:"):
             return None
         raise ValueError("malformed .Include (expected .Include<path>)")
-    text = text.split("#", 1)[0].strip() if not text.startswith("<") or ">#" in text else text
+    last = text.rfind(">")
+    if last >= 0 and text[last + 1:].lstrip().startswith("#"):
+        text = text[:last + 1]  # a trailing comment; a '#' inside <...> is part of the phrase
     pos, groups = 0, []
     for m in _E2G_PART.finditer(text):
         between = text[pos:m.start()].strip()

@@ -138,6 +138,8 @@ class _Tables:
     group around a class, which sre compiles to a bitmap)."""
     special_astral: frozenset[str]
     """Astral characters that change or are complex."""
+    special_split: re.Pattern[str]
+    """Like ``special_bmp``, plus every astral character (``_plain`` splits once)."""
     complex_rx: re.Pattern[str]
     """Finds a complex character."""
     ignorable: frozenset[str]
@@ -146,7 +148,6 @@ class _Tables:
 
 _tables: _Tables | None = None
 _tables_lock = threading.Lock()
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 def _t2s_map() -> dict[int, str]:
@@ -298,6 +299,7 @@ def _build() -> _Tables:
         ascii_table=ascii_table,
         special_bmp=re.compile("(" + _char_class(bmp) + ")"),
         special_astral=frozenset(special - bmp),
+        special_split=re.compile("(" + _char_class(bmp)[:-1] + "\U00010000-\U0010ffff])"),
     )
 
 
@@ -338,29 +340,25 @@ def _plain(text: str, t: _Tables) -> str | None:
 
     ASCII is lower-cased and its separators dropped by one ``bytes.translate`` over
     the UTF-8 (a C pass); then one ``re.split`` on the class of non-ASCII characters
-    that change cuts the text at each of them and ``map(dict.__getitem__)`` replaces
-    them, with no Python-level loop per character. Astral characters (rare: CJK
-    extension B and later) are looked at only when one is present.
+    that change (and at astral characters, rare: CJK extension B and later) cuts the
+    text at each of them and ``map(dict.get)`` replaces them, with no Python-level
+    loop per character.
     """
-    astral: set[str] = set()
-    if _ASTRAL.search(text) is not None:
-        astral = t.special_astral.intersection(_ASTRAL.findall(text))
-        if not t.complex_chars.isdisjoint(astral):
-            return None
     s = (
         text.encode("utf-8", "surrogatepass")
         .translate(t.ascii_bytes, t.ascii_delete)
         .decode("utf-8", "surrogatepass")
     )
-    parts = t.special_bmp.split(s)
+    # One split isolates the BMP characters that change and every astral character (a
+    # separate search for astral ones was a second pass over the text); astral ones
+    # that do not change map to themselves.
+    parts = t.special_split.split(s)
     if len(parts) > 1:
         specials = parts[1::2]
         if not t.complex_chars.isdisjoint(specials):
             return None
-        parts[1::2] = map(t.mapping.__getitem__, specials)
+        parts[1::2] = map(t.mapping.get, specials, specials)
         s = "".join(parts)
-    for c in astral:
-        s = s.replace(c, t.mapping[c])
     return s
 
 

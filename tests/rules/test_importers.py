@@ -148,6 +148,7 @@ def test_adblock_lines_skipped_with_reason(line: str, reason: str) -> None:
     ("< poker >,<casino>", PhraseEntry("poker,casino", None)),
     ("<bet now><40>", PhraseEntry("bet now", 40)),
     ("<odds>,<stake><-20>", PhraseEntry("odds,stake", -20)),
+    ("<c#><10> # trailing comment", PhraseEntry("c#", 10)),
     (".Include</etc/e2guardian/lists/x>", Include("/etc/e2guardian/lists/x")),
     ('#listcategory: "x"', None),
     ("", None),
