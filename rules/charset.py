@@ -222,6 +222,10 @@ class TextDecoder:
         return not needs_meta or len(self._prefix) >= META_PRESCAN_BYTES
 
     def _take(self, count: int) -> bytes:
+        if count >= len(self._held):  # all of it (the common case): one copy, no move
+            piece = bytes(self._held)
+            self._held.clear()
+            return piece
         piece = bytes(self._held[:count])
         del self._held[:count]
         return piece

@@ -304,6 +304,15 @@ class ContentDecoder:
         self._stopped = False
 
     def feed(self, data: bytes) -> bytes:
+        if not self._slots:  # identity, the commonest body: only the cap applies
+            if self._stopped:
+                return b""
+            room = self.max_output - self._produced
+            if len(data) > room:
+                data = data[:room]
+                self.truncated = self._stopped = True
+            self._produced += len(data)
+            return data
         out: list[bytes] = []
         if data and not self._stopped:
             self._push(0, data, out, final=False)

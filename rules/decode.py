@@ -117,11 +117,6 @@ def container_for(mime: str, params: dict[str, str], limits: DecodeLimits) -> Co
     return None
 
 
-def _joined(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    values = [value for key, value in headers if key.lower() == name]
-    return b", ".join(values) if values else None
-
-
 class BodyDecoder:
     """Entity body (transfer coding removed) -> ``Text``/``Break`` events, incrementally.
 
@@ -134,9 +129,17 @@ class BodyDecoder:
                  limits: DecodeLimits = DecodeLimits()) -> None:
         self.is_request = is_request
         self.limits = limits
-        self._coding = ContentDecoder(parse_codings(_joined(headers, b"content-encoding")),
+        encodings: list[bytes] = []
+        types: list[bytes] = []
+        for key, value in headers:  # one pass; a repeated field is its values ", "-joined
+            key = key.lower()
+            if key == b"content-encoding":
+                encodings.append(value)
+            elif key == b"content-type":
+                types.append(value)
+        self._coding = ContentDecoder(parse_codings(b", ".join(encodings) if encodings else None),
                                       max_output=limits.max_decoded_bytes)
-        content_type = _joined(headers, b"content-type")
+        content_type = b", ".join(types) if types else None
         self._mime, self._params = parse_content_type(content_type)
         self._sniffing = content_type is None
         self._held = b""

@@ -8,19 +8,31 @@ references, and the carry that makes the result independent of how the input is 
 Must not: decode bytes (it takes ``str``; ``rules.charset`` decodes), normalise text, or
 hold more than ``MAX_TAG_CHARS`` of an unfinished tag.
 
-Output of ``feed``/``finish``: a list of pieces; a ``str`` continues the current run and
-``None`` ends it (``rules.decode`` turns them into ``Text``/``Break`` events).
+Output of ``feed_text``/``finish_text``: the runs as one string, ``"\x00"``
+(``rules.containers.RUN_BREAK``) where a run ends, which the Engine scans as it is. Output
+of ``feed``/``finish``: the same as a list of pieces, a ``str`` continuing the current run
+and ``None`` ending it.
 
-Strategy. One compiled regex, anchored on the literal ``<`` (so ``re`` skips text with a
-fast search), splits a chunk into text and markup in C. Each markup match is one of: a
-complete comment or bogus comment, a complete raw-text element (script/style...), a
-block tag (captured in ``brk``: it ends the run), any other tag (removed without a
-break), or a *stop*: the start of something not finished in this chunk. The text between
+Strategy. One compiled regex (``_FAST``), anchored on the literal ``<`` (so ``re`` skips
+text with a fast search), splits a chunk into text and markup in C. Each markup match is
+one of: a tag (its name token captured in ``tag``), a complete comment or bogus comment,
+a complete raw-text element (script/style...), or a *stop*: the start of something not
+finished in this chunk. Whether a tag ends the run is decided after the split, by
+looking its lower-cased name up in a dict through ``map`` (one C-level pass over all the
+tags; a trie of block names inside the regex cost half of the split). The text between
 matches is joined with a break marker where a block tag stood and a separator where any
 other markup stood, so that character references are decoded in one pass but never across
 removed markup (a browser ends a reference at ``<``). At a stop, the rest is carried to
 the next ``feed``; an unfinished comment or raw-text element switches to a state that
-discards its contents, keeping only a short tail, so memory stays bounded.
+discards its contents, keeping only a short tail, so memory stays bounded. ``_MARKUP``
+is the reference splitter (block tags told apart inside the regex, whole matches
+captured): it is used when a stop is not the chunk's last match (its position needs
+the match lengths) and for the one non-ASCII character whose ``str.lower`` is ASCII;
+the tests check that both give the same runs.
+
+Speed (benchmarks/bench_matcher.py pages, a tag every ~35 bytes): the cost is per tag,
+not per byte - ``re`` spends about 0.25 µs on each match - so markup-dense pages run at
+roughly 80-130 MB/s here however the text around the tags is handled.
 
 Script and style contents vanish without a break: a reader sees ``六<script>..</script>合``
 as contiguous text. Runs holding only whitespace between two breaks are not emitted.
@@ -147,14 +159,14 @@ _FAST_STRIDE = 3  # text, tag, stop
 assert all(n[0] in "ns" for n in RAW_TEXT_SKIPPED)  # the start-tag shortcut in _FAST
 _SEP_OF = {**dict.fromkeys(BLOCK_ELEMENTS, "\x00"),
            **dict.fromkeys(["/" + n for n in BLOCK_ELEMENTS], "\x00")}.get
-"""Lower-cased name token -> "\x00" (block: ends the run); "\x01" is the default."""
+"""Lower-cased name token -> "\x00" (block: ends the run); other markup gets the inline
+separator given as default ("\x01", or "" in a chunk without "&")."""
 _NONE_TO_EMPTY = {None: ""}.get
 _FOLDS_TO_ASCII = "\u212a"
 """The only non-ASCII character whose ``str.lower`` is ASCII (KELVIN SIGN -> "k"); the
 regex folds ASCII only, so a chunk holding it takes the reference splitter."""
 _ENTITY_TAIL = re.compile(r"&#?[0-9A-Za-z]*\Z")
 _TAG_NAME = re.compile(f"</?([^{_WS}/>]*)")
-_BLANK_RUNS = re.compile("\x00(?:\\s*\x00)+")
 _COMMENT_END = re.compile(r"--!?>")
 _RAW_END = {n: re.compile(f"</{n}(?=[{_WS}/>])[^>]*>|</{n}(?:[{_WS}/][^>]{{0,1024}})?\\Z",
                           re.IGNORECASE | re.ASCII) for n in RAW_TEXT_SKIPPED}
@@ -265,8 +277,11 @@ class HtmlText:
         names = "\x00".join(filter(None, tags))
         if names.lower() != names:
             tags = "\x00".join(map(_NONE_TO_EMPTY, tags, tags)).lower().split("\x00")
-        # In place: text, separator, text ... (the stop slots, all None, removed).
-        parts[1::_FAST_STRIDE] = map(_SEP_OF, tags, repeat("\x01"))
+        # In place: text, separator, text ... (the stop slots, all None, removed). The
+        # inline separator only keeps references from spanning removed markup: with no
+        # "&" it can be "" (then no "\x01" to remove, unless the input had one).
+        inline = "\x01" if "&" in chunk or "\x01" in chunk else ""
+        parts[1::_FAST_STRIDE] = map(_SEP_OF, tags, repeat(inline))
         del parts[2::_FAST_STRIDE]
         if stop is None:
             last = parts[-1]
@@ -381,7 +396,8 @@ class HtmlText:
         runs = joined.split("\x00")
         if len(runs) > 2:
             # Middle runs that are empty or whitespace (str.strip and re's \s agree) go,
-            # as _BLANK_RUNS would fold them; cheaper than a regex stop at every break.
+            # as re.sub of \x00(?:\s*\x00)+ would fold them, without a regex stop
+            # at every break.
             middle = runs[1:-1]
             kept = list(filter(str.strip, middle))
             if len(kept) != len(middle):

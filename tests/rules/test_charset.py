@@ -155,3 +155,12 @@ def test_a_body_cut_inside_a_character_keeps_its_charset(declared: str | None) -
 ])
 def test_decode_bytes_for_short_values(data: bytes, declared: str | None, text: str) -> None:
     assert decode_bytes(data, declared) == text
+
+
+def test_label_cache_stays_bounded_past_its_size() -> None:
+    import rules.charset as module
+
+    for i in range(module.LOOKUP_CACHE_SIZE + 10):
+        assert module.lookup(f"x-unknown-{i}") is None
+        assert len(module._LOOKUP_CACHE) <= module.LOOKUP_CACHE_SIZE
+    assert module.lookup("GBK") == "gb18030" and module.lookup(b" utf8 ") == "utf-8"

@@ -219,3 +219,14 @@ def test_readers_never_raise_on_garbage(body: bytes, make: object) -> None:
     for i in range(0, len(body), 7):
         reader.feed(body[i:i + 7])
     reader.finish()
+
+
+def test_content_type_cache_stays_bounded_and_hands_out_copies() -> None:
+    import rules.containers as module
+
+    for i in range(module.CONTENT_TYPE_CACHE_SIZE + 10):
+        assert parse_content_type(f"text/x-{i}; charset=gbk") == (f"text/x-{i}", {"charset": "gbk"})
+        assert len(module._CONTENT_TYPES) <= module.CONTENT_TYPE_CACHE_SIZE
+    mime, params = parse_content_type(b"text/html; charset=utf-8")
+    params["charset"] = "changed by a caller"
+    assert parse_content_type(b"text/html; charset=utf-8") == ("text/html", {"charset": "utf-8"})

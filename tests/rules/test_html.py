@@ -162,3 +162,31 @@ def test_any_split_gives_the_same_runs(parts: list[str], seed: int) -> None:
 def test_arbitrary_text_never_raises(doc: str) -> None:
     runs_of([doc])
     runs_of(list(doc))
+
+
+FAST_VS_REFERENCE_PARTS = st.sampled_from([
+    "押", "大", " ", "\n", "<b>", "</B>", "<P>", "</p >", "<Div class=x>", "<br/>", "<p<b>>",
+    "<a b=\"c>d\">", "<a b='c", "<td c= >", "<i =x>", "<x-y>", "<nav>", "<Script>", "</script>",
+    "<style>", "</STYLE>", "<noembed>", "<s>", "<!--", "-->", "<!-->", "<!doctype html>",
+    "<?x?>", "</>", "</ p>", "<", "&amp;", "&am", "\x00", "\x01", "<\u212aeygen>", "<dİv>",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(FAST_VS_REFERENCE_PARTS, max_size=40), seed=st.integers(0, 10**6))
+def test_fast_splitter_gives_the_reference_splitters_runs(parts: list[str], seed: int) -> None:
+    """``_FAST`` (block tags classified after the split) and ``_MARKUP`` (the reference,
+    block tags inside the regex) give the same text, whole and in pieces."""
+    import rules.html as module
+
+    doc = "".join(parts)
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(len(doc) + 1), min(len(doc) + 1, 4)))
+    for pieces in ([doc], [doc[a:b] for a, b in zip([0, *cuts], [*cuts, len(doc)])]):
+        html = HtmlText()
+        fast = "".join(html.feed_text(p) for p in pieces) + html.finish_text()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(module, "_FOLDS_TO_ASCII", "")  # "" is in every chunk: reference path
+            html = HtmlText()
+            reference = "".join(html.feed_text(p) for p in pieces) + html.finish_text()
+        assert fast == reference
