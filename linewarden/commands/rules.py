@@ -2,7 +2,7 @@
 
 A command group: each subcommand is one ``_register_X(sub)`` function plus one
 ``run_X(args) -> int``, listed in ``SUBCOMMANDS``: ``check``, ``import``, ``pack``,
-``verify``, ``push`` and ``rollback`` (docs/rules-distribution.md).
+``verify``, ``push`` and ``rollback`` (README.md, "Rule distribution").
 
 ``rules check DIR`` prints every problem of the rule set as ``FILE:LINE:COL: reason``
 (LINE and COL left out when they do not apply) and exits 2, the status ``scan`` and
@@ -88,7 +88,7 @@ def _register_import(group: argparse._SubParsersAction) -> None:  # type: ignore
         help="convert hosts/domain/AdBlock/e2guardian lists into a rule-set directory",
         description="Convert block lists into rules of CATEGORY and merge them into DIR "
         "(created when missing; rules from other sources are kept). Prints what was taken "
-        "and skipped, and why. See docs/rules-distribution.md.",
+        "and skipped, and why. See README.md, "Rule distribution".",
     )
     p.add_argument("--format", required=True, choices=("hosts", "domains", "adblock", "e2guardian"))
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
