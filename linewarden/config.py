@@ -119,7 +119,7 @@ class RulesConfig:
                         choices=("auto", "hyperscan", "aho"))
     pubkeys: tuple[str, ...] = _doc((), "Ed25519 public keys (PEM files or key directories) whose "
                                     "signed bundles `linewarden rules push` may install "
-                                    "(README.md, "Rule distribution"); [] = pushes are refused.")
+                                    "(README.md, Rule distribution); [] = pushes are refused.")
     managed_dir: str = _doc("", "Where pushed bundles are installed (current + previous, for "
                             "rollback); \"\" = <store.dir>/rules. When it holds an installed rule "
                             "set, that one is loaded at start instead of `rules.dir`.")

@@ -158,3 +158,13 @@ def test_deploy_readme_documents_every_dns_key() -> None:
     for f in dataclasses.fields(DnsConfig):
         key = "dns.sinkhole.CATEGORY" if f.name == "sinkhole" else f"dns.{f.name}"
         assert f"`{key}`" in readme, key
+
+
+def test_deploy_readme_lists_every_key_with_its_default() -> None:
+    """deploy/README.md's key table is describe()'s output, so it cannot drift."""
+    from pathlib import Path
+
+    from linewarden.config import describe
+
+    readme = (Path(__file__).resolve().parent.parent / "deploy" / "README.md").read_text("utf-8")
+    assert describe().strip() in readme, "regenerate deploy/README.md's table from describe()"

@@ -88,7 +88,7 @@ def _register_import(group: argparse._SubParsersAction) -> None:  # type: ignore
         help="convert hosts/domain/AdBlock/e2guardian lists into a rule-set directory",
         description="Convert block lists into rules of CATEGORY and merge them into DIR "
         "(created when missing; rules from other sources are kept). Prints what was taken "
-        "and skipped, and why. See README.md, "Rule distribution".",
+        "and skipped, and why. See the README, Rule distribution.",
     )
     p.add_argument("--format", required=True, choices=("hosts", "domains", "adblock", "e2guardian"))
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
