@@ -31,7 +31,7 @@ from pathlib import Path
 from rules.containers import RUN_BREAK
 from rules.decode import BodyDecoder, Break, DecodeLimits, Text
 from rules.domains import DomainMatcher
-from rules.matcher import KeywordMatcher
+from rules.matcher import KeywordMatcher, KeywordStream
 from rules.normalize import Normalizer
 from rules.ruleset import KeywordRule, PhraseRule, RuleSet, load_ruleset
 from rules.target import host_of, idna_text, target_runs
@@ -101,6 +101,11 @@ class Engine:
     domains: DomainMatcher
     urls: UrlMatcher
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    _allow: Verdict = field(init=False, repr=False, compare=False)
+    """The plain allow verdict, built once: most questions get it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_allow", Verdict("allow", (), self.ruleset.version))
     phrases: PhraseTable | None = None
     """None when the rule set has no phrases (the common case costs nothing)."""
 
@@ -194,6 +199,8 @@ class Engine:
         self, matches: Iterable[Match], *, truncated: bool = False, errors: Iterable[str] = ()
     ) -> Verdict:
         unique = tuple(_first_per_rule(matches))
+        if not unique and not truncated and not errors:
+            return self._allow
         return Verdict(
             action=combine_action(unique),
             matches=unique,
@@ -283,7 +290,8 @@ class _RunScanner:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._stream = engine.keywords.stream()
+        self._stream: KeywordStream | None = None
+        """Opened on the first text: a GET without a query never needs one."""
         self._where = "text"
         self._normalizer = Normalizer()
         self._tail = RUN_BREAK
@@ -338,6 +346,8 @@ class _RunScanner:
     def _scan(self, norm: str, wheres: list[tuple[int, str]]) -> None:
         buf = self._tail + norm
         base = self._fed
+        if self._stream is None:
+            self._stream = self._engine.keywords.stream()
         for index, end in self._stream.feed(norm):
             self._hit(index, end, buf, _where_at(wheres, end - 1 - base))
         self._fed += len(norm)
