@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 def scan_http_file(engine: Any, path: Path) -> dict[str, Any]:
     """One raw message: framing via Http1Stream, then the Engine, best effort on errors."""
-    from rules.wire import BodyData, EndOfMessage, Head, Http1Stream, ParseError
+    from rules.wire import Http1Stream
 
     try:
         pieces = _read_pieces(path)
