@@ -554,16 +554,31 @@ async def test_stop_answers_in_flight_queries_with_servfail_and_records_them(
 async def test_start_failure_leaves_nothing_bound(tmp_path: Path, engine: Engine) -> None:
     import socket
 
+    # A port free for TCP too (so a stray user of the TCP port cannot fail the probe),
+    # whose UDP side is taken: the shim's start must fail and release what it bound.
     taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    taken.bind(("127.0.0.1", 0))
-    port = taken.getsockname()[1]
+    for _ in range(50):
+        reserve = socket.socket()
+        reserve.bind(("127.0.0.1", 0))
+        port = reserve.getsockname()[1]
+        try:
+            taken.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            continue
+        finally:
+            reserve.close()
     writer = RecordWriter(tmp_path / "s")
     shim = DnsShim(cfg(listen=f"127.0.0.1:{port}"), EngineRef(engine), writer, upstreams=[])
     try:
         with pytest.raises(OSError):
             await shim.start()
         probe = socket.socket()
+        # SO_REUSEADDR: an outgoing connection that happens to use this local port
+        # does not count; only a listener (the shim's TCP side) would still refuse.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))  # the TCP side was released again
+        probe.listen()
         probe.close()
     finally:
         taken.close()
