@@ -7,11 +7,32 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from linewarden import __version__, commands
 
 EXIT_USAGE = 2
 """Exit status for usage and rule-set errors, as argparse uses."""
+
+
+def load_engine(rules_dir: Path | None, backend: str, prog: str) -> Any | None:
+    """Compile the rule set for a command, or print every problem and return None.
+
+    ``rules_dir`` None means the bundled sample rules. The caller exits with
+    ``EXIT_USAGE`` on None, as every command does for a bad rule set.
+    """
+    from rules.engine import SAMPLE_RULES, Engine
+    from rules.errors import RuleSetError
+
+    try:
+        return Engine.from_dir(rules_dir or SAMPLE_RULES, backend=backend)
+    except RuleSetError as exc:
+        for problem in exc.problems:
+            print(f"{prog}: {problem}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: cannot load rule set: {exc}", file=sys.stderr)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,20 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from rules.engine import SAMPLE_RULES, Engine
-    from rules.errors import RuleSetError
+    from linewarden.cli import load_engine
 
     if args.jobs < 0:
         print("linewarden replay: --jobs must be 0 (one per CPU) or more", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        engine = Engine.from_dir(args.rules or SAMPLE_RULES, backend=args.backend)
-    except RuleSetError as exc:
-        for problem in exc.problems:
-            print(f"linewarden replay: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"linewarden replay: cannot read rule set: {exc}", file=sys.stderr)
+    engine = load_engine(args.rules, args.backend, "linewarden replay")
+    if engine is None:
         return EXIT_USAGE
     jobs = args.jobs or os.cpu_count() or 1
     session = _Session(engine, args.files, want_conns=args.store is not None,

@@ -41,20 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from rules.engine import SAMPLE_RULES, Engine
-    from rules.errors import RuleSetError
+    from linewarden.cli import load_engine
 
     if not args.http and not args.text:
         print("linewarden scan: give --http FILE... or --text FILE...", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        engine = Engine.from_dir(args.rules or SAMPLE_RULES, backend=args.backend)
-    except RuleSetError as exc:
-        for problem in exc.problems:
-            print(f"linewarden scan: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"linewarden scan: cannot read rule set: {exc}", file=sys.stderr)
+    engine = load_engine(args.rules, args.backend, "linewarden scan")
+    if engine is None:
         return EXIT_USAGE
     out = sys.stdout
     for path in args.http:
