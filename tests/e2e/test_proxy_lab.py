@@ -220,12 +220,10 @@ def _parse(raw_hex: str):  # type: ignore[no-untyped-def]
     return parse_message(bytes.fromhex(raw_hex))
 
 
-@pytest.mark.parametrize("path", ["fastpath", "intercept"])
-def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path: str) -> None:
-    """``fastpath``: one worker, TLS decided by SNI and spliced. ``intercept``: two
-    worker processes, www.lw.test handed to mitmproxy and given the full HTTP treatment."""
-    prefix, procs = lab
-    intercept = path == "intercept"
+def start_servers(prefix: str, procs: list[subprocess.Popen[bytes]], tmp_path: Path,
+                  dnsmasq_conf: str) -> Path:
+    """The origin (HTTP and TLS) and dnsmasq (authoritative for lw.test only) in the
+    server namespace; returns the origin's request log."""
     cert, key = _cert(tmp_path)
     server_log = tmp_path / "server.jsonl"
     server_out = tmp_path / "server.out"
@@ -234,16 +232,21 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
                                                            SERVER_IP], stdout=out, stderr=subprocess.STDOUT)
     procs.append(server)
     _wait_for(server_out, b"ready", server, "server")
-    (tmp_path / "dnsmasq.conf").write_text(DNSMASQ)
+    (tmp_path / "dnsmasq.conf").write_text(dnsmasq_conf)
     procs.append(subprocess.Popen(_ns(prefix, "server") + [
         "dnsmasq", "--keep-in-foreground", f"--conf-file={tmp_path / 'dnsmasq.conf'}", "--pid-file=",
         "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return server_log
 
+
+def write_gateway_config(tmp_path: Path, *, workers: int, intercept: list[str], ruleset: str = RULESET,
+                         keywords: str = KEYWORDS, domains: str = DOMAINS) -> tuple[Path, Path, Path]:
+    """The test rules and the gateway's linewarden.toml; returns (rules, store, config)."""
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "ruleset.toml").write_text(RULESET)
-    (rules / "keywords.tsv").write_text(KEYWORDS, encoding="utf-8")
-    (rules / "domains.tsv").write_text(DOMAINS)
+    (rules / "ruleset.toml").write_text(ruleset)
+    (rules / "keywords.tsv").write_text(keywords, encoding="utf-8")
+    (rules / "domains.tsv").write_text(domains)
     store = tmp_path / "store"
     config = tmp_path / "linewarden.toml"
     config.write_text(f"""
@@ -255,28 +258,48 @@ commit_interval_ms = 50
 [http]
 listen = "0.0.0.0:{PROXY_PORT}"
 mode = "transparent"
-workers = {2 if intercept else 1}
-intercept = {'["www.lw.test"]' if intercept else '[]'}
+workers = {workers}
+intercept = {json.dumps(intercept)}
 ca_dir = "{tmp_path / 'ca'}"
 upstream_verify = false
 [dns]
 listen = "0.0.0.0:{DNS_PORT}"
 upstreams = ["{SERVER_IP}:53"]
-workers = {2 if intercept else 1}
+workers = {workers}
 [[identity.binding]]
 ip = "{CLIENT_IP}"
 account = "alice"
 """)
-    if intercept:
-        from proxy.tls_ca import init_ca
+    return rules, store, config
 
-        init_ca(tmp_path / "ca")
+
+def start_linewarden(prefix: str, procs: list[subprocess.Popen[bytes]], tmp_path: Path,
+                     config: Path) -> subprocess.Popen[bytes]:
+    """`linewarden run` in the gateway namespace, once every service serves."""
     lw_log = tmp_path / "linewarden.log"
     with open(lw_log, "wb") as out:
         lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
                               stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     procs.append(lw)
     _wait_for(lw_log, b"linewarden: store", lw, "linewarden")  # printed once every service serves
+    return lw
+
+
+@pytest.mark.parametrize("path", ["fastpath", "intercept"])
+def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path: str) -> None:
+    """``fastpath``: one worker, TLS decided by SNI and spliced. ``intercept``: two
+    worker processes, www.lw.test handed to mitmproxy and given the full HTTP treatment."""
+    prefix, procs = lab
+    intercept = path == "intercept"
+    server_log = start_servers(prefix, procs, tmp_path, DNSMASQ)
+    _rules, store, config = write_gateway_config(tmp_path, workers=2 if intercept else 1,
+                                                 intercept=["www.lw.test"] if intercept else [])
+    if intercept:
+        from proxy.tls_ca import init_ca
+
+        init_ca(tmp_path / "ca")
+    lw = start_linewarden(prefix, procs, tmp_path, config)
+    lw_log = tmp_path / "linewarden.log"
 
     client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, path],
                             capture_output=True, timeout=120)

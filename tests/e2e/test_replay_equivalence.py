@@ -63,7 +63,14 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.e2e.test_proxy_lab import DNSMASQ, SERVER, _cert, _ns, _wait_for
+from tests.e2e.test_proxy_lab import (
+    DNSMASQ,
+    _ns,
+    _wait_for,
+    start_linewarden,
+    start_servers,
+    write_gateway_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT / "deploy" / "lab.sh"
@@ -243,57 +250,15 @@ def _ids(matches: list[dict]) -> list[str]:
 
 def test_replayed_capture_gives_the_live_decisions(lab, tmp_path: Path) -> None:
     prefix, procs = lab
-    cert, key = _cert(tmp_path)
-    server_log = tmp_path / "server.jsonl"
-    server_out = tmp_path / "server.out"
-    with open(server_out, "wb") as out:
-        server = subprocess.Popen(_ns(prefix, "server") + [PY, "-c", SERVER, str(server_log), str(cert), str(key),
-                                                           SERVER_IP], stdout=out, stderr=subprocess.STDOUT)
-    procs.append(server)
-    _wait_for(server_out, b"ready", server, "server")
-    (tmp_path / "dnsmasq.conf").write_text(RESOLVER)
-    procs.append(subprocess.Popen(_ns(prefix, "server") + [
-        "dnsmasq", "--keep-in-foreground", f"--conf-file={tmp_path / 'dnsmasq.conf'}", "--pid-file=",
-        "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "ruleset.toml").write_text(RULESET)
-    (rules / "keywords.tsv").write_text(KEYWORDS, encoding="utf-8")
-    (rules / "domains.tsv").write_text(DOMAINS)
-    store = tmp_path / "store"
-    config = tmp_path / "linewarden.toml"
-    config.write_text(f"""
-[rules]
-dir = "{rules}"
-[store]
-dir = "{store}"
-commit_interval_ms = 50
-[http]
-listen = "0.0.0.0:{PROXY_PORT}"
-mode = "transparent"
-workers = 1
-intercept = []
-ca_dir = "{tmp_path / 'ca'}"
-upstream_verify = false
-[dns]
-listen = "0.0.0.0:{DNS_PORT}"
-upstreams = ["{SERVER_IP}:53"]
-workers = 1
-[[identity.binding]]
-ip = "{CLIENT_IP}"
-account = "alice"
-""")
+    start_servers(prefix, procs, tmp_path, RESOLVER)
+    rules, store, config = write_gateway_config(tmp_path, workers=1, intercept=[], ruleset=RULESET,
+                                                keywords=KEYWORDS, domains=DOMAINS)
     lan_pcap, wan_pcap = tmp_path / "lan.pcap", tmp_path / "wan.pcap"
     lan_dump = _tcpdump(prefix, f"{prefix}g0", lan_pcap, tmp_path / "tcpdump-lan.log", procs)
     wan_dump = _tcpdump(prefix, f"{prefix}g1", wan_pcap, tmp_path / "tcpdump-wan.log", procs)
 
+    lw = start_linewarden(prefix, procs, tmp_path, config)
     lw_log = tmp_path / "linewarden.log"
-    with open(lw_log, "wb") as out:
-        lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    procs.append(lw)
-    _wait_for(lw_log, b"linewarden: store", lw, "linewarden")  # printed once every service serves
 
     query_path = "/search?q=" + quote(KEYWORD) + "&page=1"
     client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, query_path],
