@@ -55,7 +55,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    apt_install iproute2 nftables dnsmasq tcpdump openssl dnsperf unbound
+    apt_install iproute2 nftables dnsmasq tcpdump openssl dnsperf unbound sqlite3
     setup
     exec .venv/bin/python -m pytest -q "$@"
     ;;

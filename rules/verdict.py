@@ -6,7 +6,7 @@ share between threads and connections, and compared by value in tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Action = Literal["allow", "block", "log"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rules.engine", reason="rules.engine (the Engine) cannot be imported yet")
 
 from linewarden.cli import main  # noqa: E402
 from tests.proxy.captures import pcap_bytes  # noqa: E402
@@ -114,7 +113,7 @@ def test_missing_file_and_bad_rules(capsys, rules: Path, tmp_path: Path, good: P
 
 
 def test_store_writes_forensic_records(capsys, rules: Path, good: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    query = pytest.importorskip("storage.query")
+    import storage.query as query
     store = tmp_path / "store"
     code, rows, err = run(capsys, "--rules", rules, "--store", store, good)
     assert code == 0, err
@@ -151,7 +150,7 @@ def test_parallel_jobs_give_the_same_decisions(capsys, rules: Path, corpus: Path
 
 
 def test_parallel_store(capsys, rules: Path, good: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    query = pytest.importorskip("storage.query")
+    import storage.query as query
     code, _, err = run(capsys, "--rules", rules, "--jobs", "2", "--store", tmp_path / "s", good)
     assert code == 0, err
     kinds = sorted(type(r).__name__ for r in query.query(tmp_path / "s"))

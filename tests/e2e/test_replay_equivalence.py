@@ -55,7 +55,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -63,8 +62,17 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.e2e.test_proxy_lab import (
+from tests.e2e.test_proxy_lab import (  # the same lab, addresses and origin server
+    CLIENT_IP,
+    DNS_PORT,
     DNSMASQ,
+    GW_WAN_IP,
+    KEYWORD,
+    LAB,
+    PROXY_PORT,
+    PY,
+    ROOT,
+    SERVER_IP,
     _ns,
     _wait_for,
     start_linewarden,
@@ -72,15 +80,6 @@ from tests.e2e.test_proxy_lab import (
     write_gateway_config,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = ROOT / "deploy" / "lab.sh"
-PY = sys.executable
-SERVER_IP = "203.0.113.53"
-GW_WAN_IP = "203.0.113.1"
-CLIENT_IP = "198.51.100.10"
-PROXY_PORT = 8080
-DNS_PORT = 5353
-KEYWORD = "澳门赌场代理"  # the same keyword test_proxy_lab's server puts into /bad
 CAPTURE_FILTER = "tcp port 80 or tcp port 443 or udp port 53 or tcp port 53"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -11,7 +11,6 @@ import pytest
 
 from rules.engine import Engine
 from rules.importers import (
-    DomainEntry,
     Include,
     PhraseEntry,
     Skip,
