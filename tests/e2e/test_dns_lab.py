@@ -9,19 +9,15 @@ Afterwards the store must hold exactly one correct record per query.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = ROOT / "deploy" / "lab.sh"
+from tests.e2e.lab import ROOT, lab_session, ns, wait_for
+
 PY = sys.executable
 SERVER_IP = "203.0.113.53"
 NOWHERE_IP = "203.0.113.99"  # no resolver there: only the redirect can answer
@@ -30,17 +26,6 @@ SINKHOLE = "198.51.100.1"
 SHIM_PORT = 5353
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    for tool in ("ip", "nft", "dnsmasq"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (./dev.sh test installs it as root)"
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        return "`ip netns` is unavailable here"
-    return None
 
 
 RULESET = """name = "e2e-dns"
@@ -101,26 +86,9 @@ QUERIES = [
 
 
 @pytest.fixture
-def lab(tmp_path: Path):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    prefix = "lw" + secrets.token_hex(2)
-    env = dict(os.environ, LW_LAB=prefix, LW_DNS_PORT=str(SHIM_PORT))
-    subprocess.run([str(LAB), "up"], env=env, check=True, capture_output=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield prefix, procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # by our own Popen handle: processes this test started
-                p.wait(5)
-        subprocess.run([str(LAB), "down"], env=env, capture_output=True)
-
-
-def _ns(prefix: str, role: str) -> list[str]:
-    return ["ip", "netns", "exec", f"{prefix}-{role}"]
+def lab():
+    with lab_session("lw", LW_DNS_PORT=str(SHIM_PORT)) as handle:
+        yield handle
 
 
 def test_dns_through_the_gateway(lab, tmp_path: Path) -> None:
@@ -129,7 +97,7 @@ def test_dns_through_the_gateway(lab, tmp_path: Path) -> None:
     conf = DNSMASQ.format(ip=SERVER_IP) + "".join(
         f'txt-record=big.lw.test,"record-{i:02d}-{"x" * 90}"\n' for i in range(20))
     (tmp_path / "dnsmasq.conf").write_text(conf)
-    dnsmasq = subprocess.Popen(_ns(prefix, "server") + [
+    dnsmasq = subprocess.Popen(ns(prefix, "server") + [
         "dnsmasq", "--keep-in-foreground", f"--conf-file={tmp_path / 'dnsmasq.conf'}",
         "--pid-file=", "--user=root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(dnsmasq)
@@ -157,16 +125,12 @@ ip = "{CLIENT_IP}"
 account = "alice"
 """)
     log = open(tmp_path / "linewarden.log", "wb")
-    lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
+    lw = subprocess.Popen(ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
                           stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     procs.append(lw)
-    deadline = time.monotonic() + 60
-    while b"upstreams" not in (tmp_path / "linewarden.log").read_bytes():
-        assert lw.poll() is None, (tmp_path / "linewarden.log").read_text()
-        assert time.monotonic() < deadline, "linewarden did not start"
-        time.sleep(0.2)
+    wait_for(tmp_path / "linewarden.log", b"upstreams", lw, "linewarden")
 
-    client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, json.dumps(QUERIES)],
+    client = subprocess.run(ns(prefix, "client") + [PY, "-c", CLIENT, json.dumps(QUERIES)],
                             capture_output=True, timeout=120, check=True)
     got = json.loads(client.stdout)
     by = [(g["name"], g["qtype"], g["tcp"]) for g in got]

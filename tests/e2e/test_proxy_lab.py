@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = ROOT / "deploy" / "lab.sh"
+from tests.e2e.lab import ROOT, lab_session, ns, wait_for
+
 PY = sys.executable
 SERVER_IP = "203.0.113.53"
 GW_WAN_IP = "203.0.113.1"
@@ -38,19 +34,6 @@ DNS_PORT = 5353
 KEYWORD = "澳门赌场代理"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if not LAB.exists():
-        return f"{LAB} (the namespace lab script) is missing"
-    for tool in ("ip", "nft", "dnsmasq"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (./dev.sh test installs it as root)"
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        return "`ip netns` is unavailable here"
-    return None
 
 
 RULESET = 'name = "e2e-proxy"\nversion = 5\n\n[categories.gambling]\naction = "block"\n\n[categories.doh]\naction = "block"\n'
@@ -183,41 +166,16 @@ def _cert(tmp: Path) -> tuple[Path, Path]:
     return c, k
 
 
-@pytest.fixture
-def lab(tmp_path: Path):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    prefix = "lw" + secrets.token_hex(2)
-    env = dict(os.environ, LW_LAB=prefix, LW_PROXY_PORT=str(PROXY_PORT), LW_DNS_PORT=str(DNS_PORT))
-    subprocess.run([str(LAB), "up"], env=env, check=True, capture_output=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield prefix, procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # by our own Popen handle: processes this test started
-                p.wait(5)
-        subprocess.run([str(LAB), "down"], env=env, capture_output=True)
-
-
-def _ns(prefix: str, role: str) -> list[str]:
-    return ["ip", "netns", "exec", f"{prefix}-{role}"]
-
-
-def _wait_for(path: Path, text: bytes, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while text not in (path.read_bytes() if path.exists() else b""):
-        assert proc.poll() is None, f"{what} exited: {path.read_text(errors='replace')}"
-        assert time.monotonic() < deadline, f"{what} did not start"
-        time.sleep(0.2)
-
-
 def _parse(raw_hex: str):  # type: ignore[no-untyped-def]
     from rules.wire import parse_message
 
     return parse_message(bytes.fromhex(raw_hex))
+
+
+@pytest.fixture
+def lab():
+    with lab_session("lw", LW_PROXY_PORT=str(PROXY_PORT), LW_DNS_PORT=str(DNS_PORT)) as handle:
+        yield handle
 
 
 def start_servers(prefix: str, procs: list[subprocess.Popen[bytes]], tmp_path: Path,
@@ -228,12 +186,12 @@ def start_servers(prefix: str, procs: list[subprocess.Popen[bytes]], tmp_path: P
     server_log = tmp_path / "server.jsonl"
     server_out = tmp_path / "server.out"
     with open(server_out, "wb") as out:
-        server = subprocess.Popen(_ns(prefix, "server") + [PY, "-c", SERVER, str(server_log), str(cert), str(key),
+        server = subprocess.Popen(ns(prefix, "server") + [PY, "-c", SERVER, str(server_log), str(cert), str(key),
                                                            SERVER_IP], stdout=out, stderr=subprocess.STDOUT)
     procs.append(server)
-    _wait_for(server_out, b"ready", server, "server")
+    wait_for(server_out, b"ready", server, "server")
     (tmp_path / "dnsmasq.conf").write_text(dnsmasq_conf)
-    procs.append(subprocess.Popen(_ns(prefix, "server") + [
+    procs.append(subprocess.Popen(ns(prefix, "server") + [
         "dnsmasq", "--keep-in-foreground", f"--conf-file={tmp_path / 'dnsmasq.conf'}", "--pid-file=",
         "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return server_log
@@ -278,10 +236,10 @@ def start_linewarden(prefix: str, procs: list[subprocess.Popen[bytes]], tmp_path
     """`linewarden run` in the gateway namespace, once every service serves."""
     lw_log = tmp_path / "linewarden.log"
     with open(lw_log, "wb") as out:
-        lw = subprocess.Popen(_ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
+        lw = subprocess.Popen(ns(prefix, "gw") + [PY, "-m", "linewarden", "run", "--config", str(config)],
                               stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     procs.append(lw)
-    _wait_for(lw_log, b"linewarden: store", lw, "linewarden")  # printed once every service serves
+    wait_for(lw_log, b"linewarden: store", lw, "linewarden")  # printed once every service serves
     return lw
 
 
@@ -301,7 +259,7 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
     lw = start_linewarden(prefix, procs, tmp_path, config)
     lw_log = tmp_path / "linewarden.log"
 
-    client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, path],
+    client = subprocess.run(ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, path],
                             capture_output=True, timeout=120)
     assert client.returncode == 0, client.stderr.decode()
     got = json.loads(client.stdout)

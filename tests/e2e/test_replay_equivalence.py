@@ -50,9 +50,6 @@ What legitimately differs, and how the test treats it:
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import signal
 import subprocess
 import time
@@ -62,19 +59,16 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.e2e.lab import ROOT, lab_session, ns, wait_for
 from tests.e2e.test_proxy_lab import (  # the same lab, addresses and origin server
     CLIENT_IP,
     DNS_PORT,
     DNSMASQ,
     GW_WAN_IP,
     KEYWORD,
-    LAB,
     PROXY_PORT,
     PY,
-    ROOT,
     SERVER_IP,
-    _ns,
-    _wait_for,
     start_linewarden,
     start_servers,
     write_gateway_config,
@@ -89,19 +83,6 @@ RULESET = ('name = "e2e-replay"\nversion = 7\n\n[categories.gambling]\naction = 
 KEYWORDS = f"id\tcategory\tkeyword\nK1\tgambling\t{KEYWORD}\n"
 DOMAINS = "id\tcategory\tdomain\nD1\tdoh\tdoh.lw.test\nD2\tgambling\tcasino.lw.test\n"
 RESOLVER = DNSMASQ + "host-record=casino.lw.test,192.0.2.66\n"
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces and capture"
-    if not LAB.exists():
-        return f"{LAB} (the namespace lab script) is missing"
-    for tool in ("ip", "nft", "dnsmasq", "tcpdump"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install -y {tool}, as root)"
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        return "`ip netns` is unavailable here"
-    return None
 
 
 CLIENT = r"""
@@ -183,34 +164,19 @@ RESPONSE_BLOCKED = {"/bad"}  # blocked on the response body: not visible on the 
 
 
 @pytest.fixture
-def lab(tmp_path: Path):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    prefix = "lr" + secrets.token_hex(2)
-    env = dict(os.environ, LW_LAB=prefix, LW_PROXY_PORT=str(PROXY_PORT), LW_DNS_PORT=str(DNS_PORT))
-    subprocess.run([str(LAB), "up"], env=env, check=True, capture_output=True, timeout=60)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield prefix, procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # by our own Popen handle: processes this test started
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
-        subprocess.run([str(LAB), "down"], env=env, capture_output=True, timeout=60)
+def lab():
+    tools = ("ip", "nft", "dnsmasq", "tcpdump")
+    with lab_session("lr", tools, LW_PROXY_PORT=str(PROXY_PORT), LW_DNS_PORT=str(DNS_PORT)) as handle:
+        yield handle
 
 
 def _tcpdump(prefix: str, iface: str, pcap: Path, log: Path, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     with open(log, "wb") as err:
-        p = subprocess.Popen(_ns(prefix, "gw") + ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-Z", "root", "-s", "0",
+        p = subprocess.Popen(ns(prefix, "gw") + ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-Z", "root", "-s", "0",
                                                  "-w", str(pcap), CAPTURE_FILTER],
                              stdout=subprocess.DEVNULL, stderr=err)
     procs.append(p)
-    _wait_for(log, b"listening on", p, f"tcpdump on {iface}")
+    wait_for(log, b"listening on", p, f"tcpdump on {iface}")
     return p
 
 
@@ -260,7 +226,7 @@ def test_replayed_capture_gives_the_live_decisions(lab, tmp_path: Path) -> None:
     lw_log = tmp_path / "linewarden.log"
 
     query_path = "/search?q=" + quote(KEYWORD) + "&page=1"
-    client = subprocess.run(_ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, query_path],
+    client = subprocess.run(ns(prefix, "client") + [PY, "-c", CLIENT, SERVER_IP, KEYWORD, query_path],
                             capture_output=True, timeout=120)
     assert client.returncode == 0, client.stderr.decode()
     got = json.loads(client.stdout)
