@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import stat
 
@@ -12,25 +11,12 @@ import pytest
 
 from linewarden.cli import main
 from storage.partitions import day_path
-from tests.storage.conftest import DAYS
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    from storage.config import StoreConfig
-    from storage.writer import write_records
-    from tests.storage.conftest import clock, records_for
-
-    d = tmp_path_factory.mktemp("cli") / "store"
-    write_records(d, records_for(DAYS, 5), StoreConfig(), clock=clock)
-    return d
+from tests.storage.conftest import DAYS, store_copy, template_store  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
-def store(template, tmp_path):
-    d = tmp_path / "store"
-    shutil.copytree(template, d)
-    return d
+def store(store_copy):
+    return store_copy
 
 
 def test_keys_init_and_show(tmp_path, capsys):

@@ -71,3 +71,21 @@ def store(tmp_path: Path) -> Path:
     d = tmp_path / "store"
     write_records(d, records_for(DAYS, 20), StoreConfig(), clock=clock)
     return d
+
+
+@pytest.fixture(scope="module")
+def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A closed store, 8 records x 5 per day, written once per module by the real writer."""
+    d = tmp_path_factory.mktemp("template") / "store"
+    write_records(d, records_for(DAYS, 5), StoreConfig(), clock=clock)
+    return d
+
+
+@pytest.fixture
+def store_copy(template_store: Path, tmp_path: Path) -> Path:
+    """A private copy of ``template_store`` that a test may change."""
+    import shutil
+
+    d = tmp_path / "store"
+    shutil.copytree(template_store, d)
+    return d

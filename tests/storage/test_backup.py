@@ -14,22 +14,9 @@ from storage.verify import verify_store
 from tests.storage.conftest import DAYS, NOW
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    from storage.config import StoreConfig
-    from storage.writer import write_records
-    from tests.storage.conftest import clock, records_for
-
-    d = tmp_path_factory.mktemp("b") / "store"
-    write_records(d, records_for(DAYS, 5), StoreConfig(), clock=clock)
-    return d
-
-
 @pytest.fixture
-def store(template, tmp_path):
-    d = tmp_path / "store"
-    shutil.copytree(template, d)
-    return d
+def store(store_copy):
+    return store_copy
 
 
 def test_run_copies_closed_days_only_and_is_incremental(store, tmp_path):
