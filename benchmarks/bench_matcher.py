@@ -21,6 +21,7 @@ Usage: python benchmarks/bench_matcher.py [--mb 50] [--runs 3] [--keywords 10000
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -152,7 +153,7 @@ def bench(n_keywords: int, args: argparse.Namespace, alphabet: list[str], dense:
     nbytes = sum(map(len, pages))
     label = f"{n_keywords // 1000}k keywords, {nbytes / 1e6:.0f} MB, {len(pages)} pages" + (
         f", {dense:.0%} pages hit" if dense else "")
-    print(f"\n== {label}")
+    print(f"\n== {label}  (load average {os.getloadavg()[0]:.2f}: timings on a shared machine vary)")
     results: dict[str, float] = {}
     for backend in ("hyperscan", "aho"):
         engine, secs = compile_engine(keywords, backend)

@@ -301,6 +301,9 @@ class _RunScanner:
         self._fed = 0
         """Characters fed to the stream so far."""
         self.matches: list[Match] = []
+        self._matched: set[int] = set()
+        """Keyword rules already in ``matches``: the verdict keeps one Match per rule
+        (``_first_per_rule``), so a page repeating a keyword builds its snippet once."""
         self._phrases = _PhraseState(engine.phrases) if engine.phrases is not None else None
 
     def extend(self, matches: Iterable[Match]) -> None:
@@ -348,8 +351,10 @@ class _RunScanner:
         base = self._fed
         if self._stream is None:
             self._stream = self._engine.keywords.stream()
+        matched = self._matched
         for index, end in self._stream.feed(norm):
-            self._hit(index, end, buf, _where_at(wheres, end - 1 - base))
+            if index not in matched:
+                self._hit(index, end, buf, _where_at(wheres, end - 1 - base))
         self._fed += len(norm)
         cut = max(0, len(buf) - SNIPPET_TAIL)
         self._tail_start += cut
@@ -363,6 +368,7 @@ class _RunScanner:
                 phrases.part(index - phrases.table.base, where, self._snippet(index, end, buf),
                              self.matches)
             return
+        self._matched.add(index)
         self.matches.append(Match(rule.id, rule.category, "keyword", rule.keyword, rule.action,
                                   where, self._snippet(index, end, buf)))
 

@@ -18,8 +18,9 @@ text with a fast search), splits a chunk into text and markup in C. Each markup 
 one of: a tag (its name token captured in ``tag``), a complete comment or bogus comment,
 a complete raw-text element (script/style...), or a *stop*: the start of something not
 finished in this chunk. Whether a tag ends the run is decided after the split, by
-looking its lower-cased name up in a dict through ``map`` (one C-level pass over all the
-tags; a trie of block names inside the regex cost half of the split). The text between
+looking its name token up in a dict of every ASCII-case spelling of the block names
+through ``map`` (one C-level pass over all the tags, no lower-casing; a trie of block
+names inside the regex cost half of the split). The text between
 matches is joined with a break marker where a block tag stood and a separator where any
 other markup stood, so that character references are decoded in one pass but never across
 removed markup (a browser ends a reference at ``<``). At a stop, the rest is carried to
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import html
 import re
-from itertools import repeat
+from itertools import product, repeat
 
 MAX_TAG_CHARS = 64 * 1024
 """Longest unfinished tag carried between feeds. Real tags reach tens of KiB only with
@@ -157,11 +158,21 @@ _FAST = re.compile(
 )
 _FAST_STRIDE = 3  # text, tag, stop
 assert all(n[0] in "ns" for n in RAW_TEXT_SKIPPED)  # the start-tag shortcut in _FAST
-_SEP_OF = {**dict.fromkeys(BLOCK_ELEMENTS, "\x00"),
-           **dict.fromkeys(["/" + n for n in BLOCK_ELEMENTS], "\x00")}.get
-"""Lower-cased name token -> "\x00" (block: ends the run); other markup gets the inline
-separator given as default ("\x01", or "" in a chunk without "&")."""
-_NONE_TO_EMPTY = {None: ""}.get
+
+
+def _ascii_case_variants(name: str) -> list[str]:
+    """Every spelling of ``name`` in ASCII upper and lower case (``Div``, ``dIV``...)."""
+    return ["".join(p) for p in product(*(sorted({c, c.upper()}) for c in name))]
+
+
+_SEP_OF = dict.fromkeys(
+    (v for n in BLOCK_ELEMENTS for v in _ascii_case_variants(n) + _ascii_case_variants("/" + n)),
+    "\x00").get
+"""Name token, in any ASCII case -> "\x00" (block: ends the run); other markup gets the
+inline separator given as default ("\x01", or "" in a chunk without "&"). Holding every
+case spelling (13k keys) spares lower-casing the tokens; ASCII case is all the tag
+regexes fold, and the only non-ASCII character that ``str.lower`` makes ASCII
+(``_FOLDS_TO_ASCII``) sends its chunk to the reference splitter."""
 _FOLDS_TO_ASCII = "\u212a"
 """The only non-ASCII character whose ``str.lower`` is ASCII (KELVIN SIGN -> "k"); the
 regex folds ASCII only, so a chunk holding it takes the reference splitter."""
@@ -270,13 +281,7 @@ class HtmlText:
             del parts[-3:]
         # Name token of each removed markup (None: a comment or a raw-text element) ->
         # "\x00" for a block element, else "\x01", by a C-level map (no bytecode per tag).
-        # Tokens are nearly always lower case; any upper-case letter (ASCII folding, like
-        # the regex) sends all of them through str.lower, joined by NUL (dropped from
-        # ``data``, so in no token; case mapping is per character).
         tags = parts[1::_FAST_STRIDE]
-        names = "\x00".join(filter(None, tags))
-        if names.lower() != names:
-            tags = "\x00".join(map(_NONE_TO_EMPTY, tags, tags)).lower().split("\x00")
         # In place: text, separator, text ... (the stop slots, all None, removed). The
         # inline separator only keeps references from spanning removed markup: with no
         # "&" it can be "" (then no "\x01" to remove, unless the input had one).

@@ -2,7 +2,7 @@
 
 Owns the one definition of "the same text" used for keywords (at compile time)
 and for scanned text (on the data path). Must not do I/O on the data path: the
-tables are built once, in memory, on first use (about 0.5 s, see ``_build``).
+tables are built once, in memory, on first use (about 1.4 s, see ``_build``).
 
 What ``normalize`` does (the corpus README, "Normalisation within one text run"):
 
@@ -36,9 +36,14 @@ module's author, on 20 MB of mixed Chinese/ASCII page text: 80–85 MB/s on an i
 
 * pure ASCII text: one ``str.translate`` (CPython's ASCII fast path);
 * otherwise ``bytes.translate`` over the UTF-8 lower-cases ASCII and drops ASCII
-  separators in one C pass, and one ``re.split`` on a character class of the non-ASCII
-  characters that change (a bitmap in ``sre``) isolates them, to be replaced through
-  ``map(dict.__getitem__, ...)``, again without bytecode per character;
+  separators in one C pass. Then the non-ASCII characters that change: a page holds
+  few distinct ones (``，`` and ``：`` on every line of Chinese text), so a Hyperscan
+  block scan of the UTF-8 against all ~14k of them, each reported once
+  (``HS_FLAG_SINGLEMATCH``), says which, and one ``str.replace`` each maps them: about
+  twice as fast as ``sre``, which checks its class at 6-8 ns per character. With more
+  than a few distinct ones, without Hyperscan, or for short text, one ``re.split`` on
+  that class (a bitmap in ``sre``) isolates them, to be replaced through
+  ``map(dict.get, ...)``, again without bytecode per character (``_plain_split``);
 * that per-character replacement is exact only for text without "complex" characters
   (combining marks, Hangul jamo: anything that composes or reorders with a neighbour
   under NFKC). Around each complex character, from the preceding starter to the next
@@ -46,9 +51,10 @@ module's author, on 20 MB of mixed Chinese/ASCII page text: 80–85 MB/s on an i
   ``translate`` to a fixpoint); text dense with them (Thai, Devanagari) takes the
   reference path whole. Tests check fast == reference on the corpus and generated text.
 
-The tables are built on first use (about 1 s, 36 MB peak: every code point is pushed
-through NFKC and casefold once, in 64 Ki blocks, plus one OpenCC pass over the CJK
-blocks); nothing is read from disk but OpenCC's own dictionaries.
+The tables are built on first use (about 1.4 s on an idle machine, 36 MB peak: every
+code point is pushed through NFKC and casefold once, in 64 Ki blocks, plus one OpenCC
+pass over the CJK blocks, plus 0.4 s for the 1.8 MB Hyperscan database of the
+characters that change); nothing is read from disk but OpenCC's own dictionaries.
 
 Pieces: ``normalize(a) + normalize(b) == normalize(a + b)`` whenever ``b`` does not start
 with a character that composes or reorders with the end of ``a`` (a combining mark,
@@ -67,6 +73,11 @@ import unicodedata
 from dataclasses import dataclass
 from itertools import compress
 from operator import ne
+
+try:  # pragma: no branch
+    import hyperscan as _hs
+except ImportError:  # pragma: no cover - hyperscan is a dependency on x86-64
+    _hs = None  # type: ignore[assignment]
 
 __all__ = [
     "IGNORABLE",
@@ -144,6 +155,12 @@ class _Tables:
     """Finds a complex character."""
     ignorable: frozenset[str]
     """Characters whose normalised form is empty."""
+    special_chars: tuple[str, ...]
+    """Every non-ASCII character that changes or is complex; ``special_db`` pattern ids
+    index it."""
+    special_db: object | None
+    """Hyperscan block database of ``special_chars`` in UTF-8 (None without
+    Hyperscan): finds which of them a text holds in one C pass (``_specials_in``)."""
 
 
 _tables: _Tables | None = None
@@ -287,7 +304,14 @@ def _build() -> _Tables:
     lower = bytes(range(256)).translate(bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
                                                         b"abcdefghijklmnopqrstuvwxyz"))
     delete = bytes(sorted(ord(c) for c in ignorable if ord(c) < 0x80))
+    # _plain replaces specials one after another: that equals the per-character map
+    # only if no replacement holds a character that changes again.
+    if any(mapping.get(d, d) != d for out in mapping.values() for d in out):  # pragma: no cover
+        raise RuntimeError("a normalised form holds a character that changes")
+    special_chars = tuple(sorted(special))
     return _Tables(
+        special_chars=special_chars,
+        special_db=_special_db(special_chars),
         ascii_bytes=lower,
         ascii_delete=delete,
         complex_rx=re.compile(cx),
@@ -301,6 +325,18 @@ def _build() -> _Tables:
         special_astral=frozenset(special - bmp),
         special_split=re.compile("(" + _char_class(bmp)[:-1] + "\U00010000-\U0010ffff])"),
     )
+
+
+def _special_db(chars: tuple[str, ...]) -> object | None:
+    """Hyperscan literals of ``chars`` (UTF-8, each reported once per scan): about
+    0.4 s and 2 MB for the ~14k characters."""
+    if _hs is None:  # pragma: no cover - hyperscan is a dependency on x86-64
+        return None
+    db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
+    db.compile(expressions=[c.encode("utf-8", "surrogatepass") for c in chars],
+               ids=list(range(len(chars))), elements=len(chars),
+               flags=[_hs.HS_FLAG_SINGLEMATCH] * len(chars), literal=True)
+    return db
 
 
 def _get_tables() -> _Tables:
@@ -339,16 +375,35 @@ def _plain(text: str, t: _Tables) -> str | None:
     """Per-character mapping; None when ``text`` holds a complex character.
 
     ASCII is lower-cased and its separators dropped by one ``bytes.translate`` over
-    the UTF-8 (a C pass); then one ``re.split`` on the class of non-ASCII characters
-    that change (and at astral characters, rare: CJK extension B and later) cuts the
-    text at each of them and ``map(dict.get)`` replaces them, with no Python-level
+    the UTF-8 (a C pass). The non-ASCII characters that change are then found by
+    Hyperscan when it is installed and the text is long (``_specials_in``: one C pass
+    at several hundred MB/s that reports each distinct one once) and replaced with
+    one ``str.replace`` each; otherwise, or when more than ``MAX_REPLACED_SPECIALS``
+    distinct ones occur, by ``_plain_split``.
+    """
+    data = text.encode("utf-8", "surrogatepass").translate(t.ascii_bytes, t.ascii_delete)
+    found = _specials_in(data, t) if len(data) >= SPECIAL_SCAN_MIN_BYTES else None
+    s = data.decode("utf-8", "surrogatepass")
+    if found is None:
+        return _plain_split(s, t)
+    if not t.complex_chars.isdisjoint(found):
+        return None
+    # Sequential replacement equals the per-character map: no replacement contains a
+    # character that changes (checked when the tables are built).
+    for c in found:
+        s = s.replace(c, t.mapping[c])
+    return s
+
+
+def _plain_split(s: str, t: _Tables) -> str | None:
+    """``_plain`` after the ASCII pass, by one ``re.split``: the reference fast path,
+    and the one used without Hyperscan or for text with many distinct specials.
+
+    The split (on a class that sre checks per character, ~6-8 ns each) cuts the text
+    at each non-ASCII character that changes and at astral characters (rare: CJK
+    extension B and later), and ``map(dict.get)`` replaces them, with no Python-level
     loop per character.
     """
-    s = (
-        text.encode("utf-8", "surrogatepass")
-        .translate(t.ascii_bytes, t.ascii_delete)
-        .decode("utf-8", "surrogatepass")
-    )
     # One split isolates the BMP characters that change and every astral character (a
     # separate search for astral ones was a second pass over the text); astral ones
     # that do not change map to themselves.
@@ -360,6 +415,45 @@ def _plain(text: str, t: _Tables) -> str | None:
         parts[1::2] = map(t.mapping.get, specials, specials)
         s = "".join(parts)
     return s
+
+
+MAX_REPLACED_SPECIALS = 8
+"""Distinct changing characters replaced one ``str.replace`` (a C pass) each; with
+more (traditional Chinese, full-width text), one ``re.split`` costs less."""
+
+SPECIAL_SCAN_MIN_BYTES = 512
+"""Below this, one ``re.split`` costs less than a Hyperscan call (keywords, short
+form values)."""
+
+_scratch = threading.local()
+
+
+def _note_special(pid: int, start: int, end: int, flags: int, found: list[int]) -> bool:
+    """Hyperscan callback (module level: the binding keeps no reference to it); stops
+    the scan once there are too many to replace one by one."""
+    found.append(pid)
+    return len(found) > MAX_REPLACED_SPECIALS
+
+
+def _specials_in(data: bytes, t: _Tables) -> list[str] | None:
+    """The distinct non-ASCII characters that change in UTF-8 ``data``, or None when
+    Hyperscan is missing or there are more than ``MAX_REPLACED_SPECIALS``.
+
+    UTF-8 is self-synchronising, so a character's bytes match only at its own
+    position; ``HS_FLAG_SINGLEMATCH`` reports each character once per scan."""
+    db = t.special_db
+    if db is None:
+        return None
+    scratch = getattr(_scratch, "s", None)
+    if scratch is None or getattr(_scratch, "db", None) is not db:
+        scratch = _scratch.s = _hs.Scratch(db)
+        _scratch.db = db
+    found: list[int] = []
+    try:
+        db.scan(data, match_event_handler=_note_special, context=found, scratch=scratch)
+    except _hs.ScanTerminated:
+        return None
+    return [t.special_chars[i] for i in found]
 
 
 _CLUSTERS_PER_CHAR_SLOW = 1 / 64
@@ -497,4 +591,7 @@ class Normalizer:
             ch = text[i]
             if ch not in t.complex_chars and t.mapping.get(ch, ch) != "":
                 return i
-        return n
+        # No starter in reach (a run that opens with marks): the marks may still reorder
+        # with marks of the next piece (U+0300 then U+FF9E is U+3099 U+0300), so hold
+        # them, up to the bound.
+        return max(n - MAX_HOLDBACK, 0)

@@ -201,3 +201,16 @@ def test_no_generated_input_raises_out_of_the_engine(engine: Engine, body: bytes
     headers = [(b"content-type", ctype), (b"content-encoding", b"gzip, br")] if ctype else []
     engine.http_response(200, headers, body)
     engine.http_request("POST", body[:200] or b"/", headers, body)
+
+
+def test_a_repeated_keyword_is_one_match_with_the_first_snippet(engine: Engine) -> None:
+    body = "<p>首页 六合彩 一</p>" + "<p>又见六合彩，再见押大小</p>" * 500
+    v = engine.http_response(200, HTML, page(body))
+    assert [m.rule_id for m in v.matches] == ["K1", "K2"]
+    assert v.matches[0].snippet.startswith("首页六合彩一")
+    # Fed in pieces, the same matches (the first occurrence wins in both).
+    scan = engine.response_scanner(200, HTML)
+    data = page(body)
+    for i in range(0, len(data), 997):
+        scan.feed(data[i:i + 997])
+    assert scan.finish().matches == v.matches

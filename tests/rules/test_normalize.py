@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rules.matcher import available_backends
 from rules.normalize import (
     IGNORABLE,
     MAX_HOLDBACK,
@@ -157,9 +158,11 @@ def test_normalizer_holdback_is_bounded() -> None:
     n = Normalizer()
     marks = "a" + "\u0301" * (3 * MAX_HOLDBACK)
     out = n.feed(marks)
-    assert len(marks) - len(out) <= MAX_HOLDBACK or out == ""
+    # What is held is at most MAX_HOLDBACK input characters (the output is shorter than
+    # the input it came from: "a" and its first mark compose).
+    assert len(n._held) <= MAX_HOLDBACK
     rest = n.flush()
-    assert len(out) + len(rest) > 0
+    assert out and out + rest == normalize(marks)
 
 
 def test_tables_are_consistent() -> None:
@@ -180,3 +183,67 @@ def test_no_combining_character_above_the_scanned_range() -> None:
     from rules.normalize import _MAX_COMBINING
 
     assert not [c for c in range(_MAX_COMBINING + 1, 0x110000) if unicodedata.combining(chr(c))]
+
+
+# ------------------------------------------- the two ways of mapping specials
+
+def _both_special_paths(text: str) -> tuple[str, str]:
+    """normalize(text) with the Hyperscan scan + str.replace path forced for any length,
+    and with the re.split path forced."""
+    import rules.normalize as module
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(module, "SPECIAL_SCAN_MIN_BYTES", 0)
+        scanned = normalize(text)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(module, "_specials_in", lambda data, t: None)
+        split = normalize(text)
+    return scanned, split
+
+
+@given(st.one_of(tricky_text, any_text), st.integers(1, 40))
+@settings(max_examples=400, deadline=None)
+def test_special_scan_and_split_paths_equal_the_reference(text: str, repeat: int) -> None:
+    # Repeated, a text crosses SPECIAL_SCAN_MIN_BYTES and MAX_REPLACED_SPECIALS both ways.
+    text = text * repeat
+    scanned, split = _both_special_paths(text)
+    assert scanned == split == normalize(text) == normalize_reference(text)
+
+
+needs_hyperscan = pytest.mark.skipif("hyperscan" not in available_backends(),
+                                     reason="hyperscan not installed")
+
+
+@needs_hyperscan
+@given(st.text(alphabet=st.sampled_from(TRICKY), max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_special_scan_finds_each_distinct_changing_character_once(text: str) -> None:
+    from rules.normalize import MAX_REPLACED_SPECIALS, _get_tables, _specials_in
+
+    t = _get_tables()
+    data = text.encode("utf-8", "surrogatepass").translate(t.ascii_bytes, t.ascii_delete)
+    want = {c for c in text if ord(c) >= 0x80 and c in t.mapping}
+    found = _specials_in(data, t)
+    if len(want) > MAX_REPLACED_SPECIALS:
+        assert found is None
+    else:
+        assert found is not None and len(found) == len(set(found)) and set(found) == want
+
+
+@needs_hyperscan
+def test_a_long_page_with_few_specials_takes_the_scan_path() -> None:
+    from rules.normalize import SPECIAL_SCAN_MIN_BYTES, _get_tables, _specials_in
+
+    text = ("押大小，新闻 Forum。" * 200) + "代開發票"
+    assert len(text.encode()) >= SPECIAL_SCAN_MIN_BYTES
+    assert _specials_in(text.encode(), _get_tables()) is not None
+    assert normalize(text) == normalize_reference(text)
+    assert normalize(text).endswith("押大小,新闻forum。代开发票")
+
+
+def test_normalizer_holds_marks_that_open_a_run() -> None:
+    # Found by hypothesis: with no starter before them, marks were passed on at once
+    # and could not reorder with the marks of the next piece.
+    n = Normalizer()
+    got = n.feed("\u0300") + n.feed("\uff9e") + n.flush()
+    assert got == normalize("\u0300\uff9e") == "\u3099\u0300"
