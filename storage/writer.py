@@ -58,7 +58,6 @@ from storage.partitions import (
 from storage.records import Alarm, Maintenance, Record
 from storage.retention import deletable, disk_status, expired_days, remove_day
 from storage.schema import (
-    BadRecord,
     INSERT_BATCH,
     INSERT_MANY,
     INSERT_REC,
@@ -440,7 +439,7 @@ class RecordWriter:
             r = recs[i]
             try:
                 row, lg = enc.encode(r, first + i)
-            except (BadRecord, msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+            except Exception as exc:  # any field the encoder chokes on: else the batch retries forever
                 row, lg = enc.encode(self._bad_record(r, exc, r.ts), first + i)
             logical.append(lg)
             ts = row[2]

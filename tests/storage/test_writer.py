@@ -270,3 +270,61 @@ async def test_a_failed_commit_is_rolled_back_and_retried_without_loss(tmp_path)
     assert {r.account for r in query(s, kind="conn")} == {"first", "new-account-0", "new-account-1", "new-account-2"}
     assert len(list(query(s, domain="example"))) == 3
     assert verify_store(s, now=NOW).ok
+
+
+async def test_a_batch_of_many_chunks_is_one_transaction_with_every_record_back(tmp_path):
+    """Rows go in as multi-row INSERTs of ROWS_PER_INSERT plus a tail: a batch of several
+    such chunks, with a bad record in the middle (a domain that is not a str, which once
+    made the whole batch retry forever), comes back whole, in id order, as one batch of
+    the chain, with the bad record as an alarm."""
+    from storage.schema import ROWS_PER_INSERT
+
+    s = tmp_path / "s"
+    n = 2 * ROWS_PER_INSERT + 77
+    recs = [Conn(ts=day_start(DAYS[0]) + i, uid=f"c{i}", account=f"a{i % 7}", dns_name=f"h{i % 11}.example")
+            for i in range(n)]
+    recs[ROWS_PER_INSERT + 3] = Conn(ts=day_start(DAYS[0]) + 5, dns_name=5)  # type: ignore[arg-type]
+    w = RecordWriter(s, StoreConfig(batch_max=10 * n), clock=clock)
+    await w.start()
+    for r in recs:
+        w.submit(r)
+    await w.close()
+    with sqlite3.connect(day_path(s, DAYS[0])) as c:
+        ids = [r[0] for r in c.execute("SELECT id FROM rec ORDER BY id")]
+        batches = c.execute("SELECT first_id, last_id FROM batches").fetchall()
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+    assert any(last - first + 1 == n for first, last in batches)
+    conns = kinds(s, "conn")
+    assert {r.uid for r in conns} == {f"c{i}" for i in range(n)} - {f"c{ROWS_PER_INSERT + 3}"}
+    bad = [a for a in kinds(s, "alarm") if a.alarm_kind == "bad_record"]
+    assert len(bad) == 1 and "dns_name" in bad[0].detail
+    assert len(list(query(s, domain="h3.example"))) == len([i for i in range(n) if i % 11 == 3 and i != ROWS_PER_INSERT + 3])
+    assert verify_store(s, now=NOW).ok
+
+
+async def test_a_chunk_failing_mid_batch_rolls_the_whole_batch_back_and_retries(tmp_path):
+    """Another connection takes a row id that the second chunk of the next batch needs: that
+    chunk's INSERT fails after the first went in; the batch rolls back whole and is
+    retried, and nothing is lost or half-written once the id is free again."""
+    from storage.schema import ROWS_PER_INSERT
+
+    s = tmp_path / "s"
+    w = RecordWriter(s, StoreConfig(commit_interval_ms=10, batch_max=100_000), clock=clock)
+    await w.start()
+    w.submit(Conn(ts=day_start(DAYS[0]), account="first"))
+    await w.flush()
+    n = 3 * ROWS_PER_INSERT
+    with sqlite3.connect(day_path(s, DAYS[0])) as c:
+        next_id = c.execute("SELECT max(id) FROM rec").fetchone()[0] + 1
+        c.execute("INSERT INTO rec(id, kind, ts) VALUES (?, 0, 0)", (next_id + ROWS_PER_INSERT + 5,))
+    for i in range(n):
+        w.submit(Conn(ts=day_start(DAYS[0]) + 1 + i, uid=f"m{i}", account=f"new-{i % 3}"))
+    await asyncio.sleep(0.8)
+    assert w.committed == 1 and w.last_error is not None
+    with sqlite3.connect(day_path(s, DAYS[0])) as c:
+        assert c.execute("SELECT count(*) FROM rec").fetchone()[0] == 2  # nothing half-written
+        c.execute("DELETE FROM rec WHERE id = ?", (next_id + ROWS_PER_INSERT + 5,))
+    await asyncio.wait_for(w.flush(), 30)
+    await w.close()
+    assert {r.uid for r in query(s, kind="conn") if r.uid} == {f"m{i}" for i in range(n)}
+    assert verify_store(s, now=NOW).ok
