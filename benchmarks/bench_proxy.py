@@ -10,7 +10,10 @@ Measures, on loopback only, with bounded durations:
   (no scanning, access log on).
 * TLS passthrough through an explicit CONNECT: new connections per second (each
   with an SNI decision, a TLS handshake and a 1 KB GET) and bulk MB/s (a 64 MiB
-  download per connection), linewarden vs squid with ``ssl_bump peek`` + ``splice``.
+  download per connection), linewarden vs squid with ``ssl_bump peek`` + ``splice``,
+  in alternating rounds (medians), with each proxy's CPU per connection and per GB
+  and the client's CPU, and the records linewarden wrote checked against the transfers.
+  squid runs as many SMP workers as linewarden has proxy workers (``--squid-workers``).
 * each proxy's resident memory with 1,000 idle keep-alive client connections.
 
 Prints req/s, MB/s and the ratios linewarden/e2guardian and linewarden/squid.
@@ -40,6 +43,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +60,12 @@ PROBE_KEYWORD = "澳门赌场代理网址"
 PROBE_PAGE = f"<html><body><p>最新{PROBE_KEYWORD}大全</p></body></html>\n"
 PAGE_CONNS = {"1k": 32, "64k": 16, "1m": 4}
 """wrk connections per page size at the default ``--connections 32`` (scaled with it)."""
+TLS_PARALLEL = 16
+"""Concurrent new TLS connections in the conn/s run (curl --parallel-max)."""
+BULK_BYTES = 64 << 20
+BULK_TRANSFERS, BULK_PARALLEL = 32, 4
+"""The bulk run: 32 downloads of 64 MiB (2 GiB, a few seconds: long enough to
+measure on a shared machine), 4 at a time, each through its own tunnel."""
 E2G_MAX_LINKS = 60
 """e2guardian's per-node child limit in its phrase trie (ListContainer)."""
 
@@ -191,6 +201,18 @@ class Proc:
                 frontier.append(int(k))
         return out
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the process and its descendants (live ones)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
+        return total / tick
+
     def rss_mb(self) -> float:
         total = 0
         for pid in self.pids():
@@ -219,7 +241,7 @@ def start_nginx(work: Path) -> Proc:
         (www / f"{name}.html").write_bytes(make_page(size, seed=size))
     (www / "probe.html").write_text(PROBE_PAGE, encoding="utf-8")
     with open(www / "bulk.bin", "wb") as f:
-        f.write(os.urandom(64 << 20))
+        f.write(os.urandom(BULK_BYTES))
     cert, key = self_signed(work, "origin.example")
     port, tls_port = free_port(), free_port()
     conf = work / "nginx.conf"
@@ -276,7 +298,7 @@ enabled = false
     return Proc("linewarden", port, p, port)
 
 
-def start_squid(work: Path) -> Proc | None:
+def start_squid(work: Path, workers: int = 1) -> Proc | None:
     if shutil.which("squid") is None:
         log("squid: not installed (apt-get install -y squid-openssl); skipped")
         return None
@@ -302,11 +324,13 @@ access_log stdio:{d}/access.log
 cache_log {d}/cache.log
 pid_filename {d}/squid.pid
 coredump_dir {d}
-workers 1
+workers {workers}
 max_filedescriptors 65536
 shutdown_lifetime 1 seconds
 """)
-    p = subprocess.Popen(["squid", "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # -N (no kids) only runs one worker; SMP workers need the master: --foreground.
+    mode = ["-N"] if workers == 1 else ["--foreground"]
+    p = subprocess.Popen(["squid", *mode, "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, p)
         wait_port(tls_port, p)
@@ -384,28 +408,60 @@ def wrk(port: int, url: str, host: str, duration: int, conns: int, threads: int,
     return rps, mbs
 
 
-def tls_load(proxy_port: int | None, origin_port: int, path: str, transfers: int, parallel: int,
-             work: Path) -> tuple[float, float]:
-    """Connections/s and MB/s of ``transfers`` HTTPS GETs, each on a new connection
+@dataclass
+class TlsRun:
+    """One curl run of TLS transfers."""
+
+    ok: int
+    """Transfers that got their whole body."""
+    seconds: float
+    bytes: int
+    cpu_s: float
+    """CPU seconds the proxy's processes used meanwhile (0 for the direct run)."""
+    client_cpu_s: float
+    """CPU seconds of the curl client: near ``seconds`` means the client (one core)
+    was the bottleneck, not the proxy."""
+
+    @property
+    def per_s(self) -> float:
+        return self.ok / self.seconds
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def tls_load(proxy: Proc | None, origin_port: int, path: str, size: int, transfers: int, parallel: int,
+             work: Path) -> TlsRun:
+    """``transfers`` HTTPS GETs of ``path`` (``size`` bytes), each on a new connection
     (``Connection: close``, no session resumption: a full handshake and an SNI decision each),
     ``parallel`` at a time, by curl (C: the client is not the bottleneck) through the
-    proxy's CONNECT (``proxy_port`` None: straight to the origin)."""
+    proxy's CONNECT (``proxy`` None: straight to the origin).
+
+    Every target gets the same client: one curl process, the same URL list and
+    parallelism, and the same origin (``--connect-to`` makes the CONNECT target
+    127.0.0.1:origin_port; the SNI stays www.bench.example)."""
     cfg = work / "curl.cfg"
     url = f"https://www.bench.example:{origin_port}{path}"
     cfg.write_text("".join(f'url = "{url}"\noutput = "/dev/null"\n' for _ in range(transfers)))
     cmd = ["curl", "-s", "-k", "-Z", "--parallel-max", str(parallel), "--parallel-immediate", "--no-sessionid",
            "-H", "Connection: close", "--connect-to", f"www.bench.example:{origin_port}:127.0.0.1:{origin_port}",
            "-w", "%{size_download}\n", "-K", str(cfg)]
-    if proxy_port is not None:
-        cmd[1:1] = ["-x", f"http://127.0.0.1:{proxy_port}"]
+    if proxy is not None:
+        cmd[1:1] = ["-x", f"http://127.0.0.1:{proxy.tls_port}"]
+    cpu = proxy.cpu_s() if proxy is not None else 0.0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
     elapsed = time.monotonic() - t
+    cpu = proxy.cpu_s() - cpu if proxy is not None else 0.0
+    kids_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = kids_after.ru_utime + kids_after.ru_stime - kids.ru_utime - kids.ru_stime
     sizes = [int(x) for x in out.split() if x.isdigit()]
-    ok = sum(1 for x in sizes if x > 0)
+    ok = sum(1 for x in sizes if x == size)
     if ok < transfers:
-        log(f"  warning: {transfers - ok} of {transfers} TLS transfers failed")
-    return ok / elapsed, sum(sizes) / elapsed / 1e6
+        log(f"  warning: {transfers - ok} of {transfers} TLS transfers failed or came back short")
+    return TlsRun(ok, elapsed, sum(sizes), cpu, client)
 
 
 def idle_memory(proc: Proc, origin_port: int, n: int = 1000) -> tuple[float, float]:
@@ -441,10 +497,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     ap.add_argument("--keywords", type=int, default=10_000, help="keywords / phrases (default 10000)")
     ap.add_argument("--tls-conns", type=int, default=2000, help="TLS connections per run (default 2000)")
-    ap.add_argument("--skip", default="", help="comma-separated: e2guardian,squid,tls,memory")
+    ap.add_argument("--skip", default="", help="comma-separated: http (the wrk pages),e2guardian,squid,tls,memory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per page; the best counts")
+    ap.add_argument("--tls-rounds", type=int, default=3,
+                    help="alternating TLS rounds; medians count (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="linewarden http.workers (default 2: both cores)")
+    ap.add_argument("--squid-workers", type=int, default=None,
+                    help="squid SMP workers (default: as many as linewarden's, so both get the same "
+                         "parallelism, and the same share of a busy machine's CPU)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
@@ -474,11 +535,15 @@ def main() -> int:
         if "e2guardian" not in skip and (e2g := start_e2guardian(work, keywords)):
             peers["e2guardian"] = e2g
             procs.append(e2g)
-        if "squid" not in skip and (sq := start_squid(work)):
+        if args.squid_workers is None:
+            args.squid_workers = args.workers
+        if "squid" not in skip and (sq := start_squid(work, args.squid_workers)):
             peers["squid"] = sq
             procs.append(sq)
 
         for name, p in [("linewarden", lw)] + [(n, q) for n, q in peers.items() if n == "e2guardian"]:
+            if "http" in skip:
+                break
             # Scanning really is on: the probe page must not come through.
             probe = subprocess.run(["curl", "-s", "-x", f"http://127.0.0.1:{p.port}",
                                     f"http://127.0.0.1:{origin.port}/probe.html"], capture_output=True).stdout
@@ -489,7 +554,7 @@ def main() -> int:
         targets += [(n, p.port, True) for n, p in peers.items()]
         results: dict[tuple[str, str], tuple[float, float]] = {}
         host = f"127.0.0.1:{origin.port}"
-        for page in PAGES:
+        for page in PAGES if "http" not in skip else ():
             # Rounds alternate the targets and the best round counts: on a shared machine
             # a burst of someone else's load then hits every proxy alike.
             for _ in range(args.rounds):
@@ -503,17 +568,26 @@ def main() -> int:
                     if got[0] >= results.get((name, page), (-1.0, 0.0))[0]:
                         results[(name, page)] = got
 
-        tls: dict[str, tuple[float, float]] = {}
+        tls: dict[str, list[tuple[TlsRun, TlsRun]]] = {}
         if "tls" not in skip and shutil.which("curl"):
             assert origin.tls_port is not None
-            tls_targets: list[tuple[str, int | None]] = [("linewarden", lw.tls_port)]
+            small = len((work / "www" / "1k.html").read_bytes())
+            tls_targets: list[tuple[str, Proc | None]] = [("direct", None), ("linewarden", lw)]
             if "squid" in peers:
-                tls_targets.append(("squid", peers["squid"].tls_port))
-            for name, port in tls_targets:
-                cps, _ = tls_load(port, origin.tls_port, "/1k.html", args.tls_conns, 16, work)
-                _, mbs = tls_load(port, origin.tls_port, "/bulk.bin", 8, 4, work)
-                tls[name] = (cps, mbs)
-                log(f"{name:>11} TLS: {cps:8.0f} conn/s {mbs:9.1f} MB/s")
+                tls_targets.append(("squid", peers["squid"]))
+            for r in range(args.tls_rounds):
+                # Rounds alternate the order, and ratios are taken within a round: a burst
+                # of someone else's load then hits both proxies alike.
+                order = tls_targets[:1] + (tls_targets[1:] if r % 2 == 0 else tls_targets[:0:-1])
+                for name, proc in order:
+                    conns = tls_load(proc, origin.tls_port, "/1k.html", small, args.tls_conns, TLS_PARALLEL, work)
+                    bulk = tls_load(proc, origin.tls_port, "/bulk.bin", BULK_BYTES, BULK_TRANSFERS,
+                                    BULK_PARALLEL, work)
+                    tls.setdefault(name, []).append((conns, bulk))
+                    log(f"{name:>11} TLS round {r + 1}: {conns.per_s:8.0f} conn/s "
+                        f"({_cpu_ms(conns):5.2f} ms CPU/conn, curl busy {conns.client_cpu_s / conns.seconds:.2f}) "
+                        f"{bulk.mb_s:9.1f} MB/s ({_cpu_per_gb(bulk):5.2f} s CPU/GB, "
+                        f"curl busy {bulk.client_cpu_s / bulk.seconds:.2f})")
 
         mem: dict[str, tuple[float, float]] = {}
         if "memory" not in skip:
@@ -521,8 +595,8 @@ def main() -> int:
                 mem[name] = idle_memory(p, origin.port)
                 log(f"{name:>11} memory: {mem[name][0]:.1f} MB idle, {mem[name][1]:.1f} MB with 1,000 idle connections")
 
-        lw_store = work / "lw-store"
-        print_report(args, results, tls, mem, list(peers), keywords, lw_store)
+        lw.stop()  # SIGTERM: the writer commits everything before the records are counted
+        print_report(args, results, tls, mem, list(peers), keywords, work / "lw-store")
         return 0
     finally:
         for p in reversed(procs):
@@ -539,11 +613,12 @@ def _ratio(a: float, b: float) -> str:
 
 def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  # type: ignore[no-untyped-def]
     print(f"\nbench_proxy: {len(keywords)} keywords, wrk -t{args.threads} -c{args.connections} (64k: /2, 1m: /8) "
-          f"-d{args.duration}s, linewarden http.workers={args.workers}, "
+          f"-d{args.duration}s, linewarden http.workers={args.workers}, squid workers={args.squid_workers}, "
           f"{os.cpu_count()} CPUs, loopback")
     cols = ["direct", "linewarden"] + peers
-    print(f"{'page':>5} | " + " | ".join(f"{c:>22}" for c in cols) + " | lw/e2g | lw/squid")
-    for page in PAGES:
+    if results:
+        print(f"{'page':>5} | " + " | ".join(f"{c:>22}" for c in cols) + " | lw/e2g | lw/squid")
+    for page in PAGES if results else ():
         cells = []
         for c in cols:
             rps, mbs = results[(c, page)]
@@ -553,12 +628,7 @@ def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  #
         r_s = _ratio(lw, results[("squid", page)][0]) if "squid" in peers else "n/a"
         print(f"{page:>5} | " + " | ".join(f"{c:>22}" for c in cells) + f" | {r_e:>6} | {r_s:>8}")
     if tls:
-        print("\nTLS passthrough (explicit CONNECT, SNI decision, splice; curl clients):")
-        for name, (cps, mbs) in tls.items():
-            print(f"  {name:>11}: {cps:8.0f} new conn/s (full handshake + 1 KB GET), {mbs:8.1f} MB/s bulk")
-        if "squid" in tls:
-            print(f"  ratio linewarden/squid: conn/s {_ratio(tls['linewarden'][0], tls['squid'][0])}, "
-                  f"bulk {_ratio(tls['linewarden'][1], tls['squid'][1])}")
+        print_tls(args, tls)
     if mem:
         print("\nResident memory (all processes of the proxy):")
         for name, (before, during) in mem.items():
@@ -568,8 +638,59 @@ def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  #
 
         n = sum(1 for _ in query(lw_store, kind="http"))
         print(f"\nlinewarden recorded {n} http records in its store during the run.")
+        if "linewarden" in tls:
+            tls_records = list(query(lw_store, kind="tls"))
+            conns = [c for c in query(lw_store, kind="conn") if c.service == "tls"]
+            through = sum(c.ok + b.ok for c, b in tls["linewarden"])
+            bad = sum(1 for t in tls_records if t.action != "allow" or not t.nat_port or not t.sni)
+            print(f"linewarden TLS: {through} transfers, {len(tls_records)} tls records ({bad} without "
+                  f"sni/nat_port or not allowed), {len(conns)} tls conn records, "
+                  f"{sum(c.bytes_down for c in conns) / 1e6:.1f} MB down / "
+                  f"{sum(c.bytes_up for c in conns) / 1e6:.1f} MB up recorded")
     except Exception as e:  # the report is still useful without the count
         print(f"\n(could not count linewarden's records: {e})")
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def _cpu_ms(run: TlsRun) -> float:
+    return run.cpu_s * 1000 / run.ok if run.ok else 0.0
+
+
+def _cpu_per_gb(run: TlsRun) -> float:
+    return run.cpu_s / (run.bytes / 1e9) if run.bytes else 0.0
+
+
+def print_tls(args, tls) -> None:  # type: ignore[no-untyped-def]
+    rounds = len(next(iter(tls.values())))
+    print(f"\nTLS passthrough (explicit CONNECT, SNI decision, splice; curl clients; median of {rounds} "
+          f"alternating rounds; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}):")
+    print(f"  new connections: {args.tls_conns} per round, {TLS_PARALLEL} in parallel, each a full handshake "
+          f"+ 1 KB GET; bulk: {BULK_TRANSFERS} x {BULK_BYTES >> 20} MiB, {BULK_PARALLEL} in parallel")
+    for name, runs in tls.items():
+        cps = _median([c.per_s for c, _ in runs])
+        mbs = _median([b.mb_s for _, b in runs])
+        cpu = "" if name == "direct" else (f"; proxy CPU {_median([_cpu_ms(c) for c, _ in runs]):.2f} ms/conn, "
+                                           f"{_median([_cpu_per_gb(b) for _, b in runs]):.2f} s/GB")
+        busy = (f"curl busy {_median([c.client_cpu_s / c.seconds for c, _ in runs]):.2f}"
+                f"/{_median([b.client_cpu_s / b.seconds for _, b in runs]):.2f} cores")
+        print(f"  {name:>11}: {cps:8.0f} new conn/s, {mbs:8.1f} MB/s bulk ({busy}{cpu})")
+    if "squid" in tls and "linewarden" in tls:
+        pairs = list(zip(tls["linewarden"], tls["squid"]))
+        conn_r = [lc.per_s / sc.per_s for (lc, _), (sc, _) in pairs]
+        bulk_r = [lb.mb_s / sb.mb_s for (_, lb), (_, sb) in pairs]
+        print(f"  ratio linewarden/squid (median of per-round ratios): conn/s {_median(conn_r):.2f} "
+              f"[{' '.join(f'{x:.2f}' for x in conn_r)}], bulk {_median(bulk_r):.2f} "
+              f"[{' '.join(f'{x:.2f}' for x in bulk_r)}]")
+        # CPU per unit of work does not depend on how busy the machine is; the rates do
+        # (and on a busy machine the scheduler's per-process share favours a proxy that
+        # runs several processes), so the rates' ratio is only telling on a quiet machine.
+        conn_c = [_cpu_ms(lc) / _cpu_ms(sc) for (lc, _), (sc, _) in pairs if _cpu_ms(sc)]
+        bulk_c = [_cpu_per_gb(lb) / _cpu_per_gb(sb) for (_, lb), (_, sb) in pairs if _cpu_per_gb(sb)]
+        print(f"  proxy CPU per unit linewarden/squid (lower is better): per connection {_median(conn_c):.2f}, "
+              f"per GB {_median(bulk_c):.2f}")
 
 
 if __name__ == "__main__":

@@ -232,8 +232,9 @@ class FastPath:
                     state.close_reason = "error: not a redirected connection"
                     return
                 conn.server_ip, conn.server_port = dst
-            async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
-                await client.wait_data()
+            if not client.buf:  # often the first bytes came with the accept: no timer then
+                async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+                    await client.wait_data()
             if not client.buf:
                 state.close_reason = "fin"
                 return
@@ -345,7 +346,7 @@ class FastPath:
                 if conn.uid in self.nat_table:
                     conn.nat_ip, conn.nat_port = self.nat_table[conn.uid]
                 record()
-            state.close_reason = state.close_reason or ("rst" if client.lost and not client.eof else "fin")
+            state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
             return
         self.stats.tls_passthrough += 1
         upstream = await self.connect(state, host, port)
@@ -354,7 +355,7 @@ class FastPath:
             return
         splice(client, upstream)
         await spliced(client, upstream)
-        state.close_reason = state.close_reason or ("rst" if client.lost and not client.eof else "fin")
+        state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
 
     async def connect(self, state: ConnState, host: str, port: int) -> Side | None:
         """Open the upstream socket; fills server and NAT addresses. None on failure."""
@@ -365,7 +366,6 @@ class FastPath:
         except (OSError, TimeoutError) as exc:
             state.close_reason = f"error: connect {host}:{port}: {exc}"[:200]
             return None
-        _nodelay(transport)
         conn = state.conn
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
@@ -457,8 +457,9 @@ class _AcceptedSide(Side):
         self._fastpath = fastpath
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # No TCP_NODELAY call here or on upstream sockets: asyncio and uvloop set it
+        # on every TCP transport they create.
         super().connection_made(transport)
-        _nodelay(transport)  # type: ignore[arg-type]
         self._fastpath._spawn(self)
 
 
@@ -477,15 +478,6 @@ async def _read_hello(client: Side):  # type: ignore[no-untyped-def]
                     return None
         except InputError:
             return None
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def _plain_ip(ip: str) -> str:

@@ -361,6 +361,7 @@ async def test_tls_passthrough_is_spliced_and_counted(lab: Lab) -> None:
     conns = await lab.records("conn")
     [c] = [c for c in conns if c.uid == t.uid]
     assert c.service == "tls" and c.bytes_down > len(ROUTES["/plain"]) and c.bytes_up > 200
+    assert c.close_reason == "fin" and (c.nat_ip, c.nat_port) == (t.nat_ip, t.nat_port)
     assert c.community_id and c.community_id.startswith("1:")
     assert lab.origin.log == [("GET", "/plain", b"")]
 
@@ -457,3 +458,80 @@ async def test_gzip_bomb_follows_the_fail_policy(tmp_path: Path, fail: str) -> N
         assert parse_message(raw).status == 451 and h.action == "block" and "fail-closed" in (h.evidence or "")
     else:
         assert raw == resp and h.action == "allow"  # passed through untouched, and recorded
+
+
+async def test_raw_tunnel_is_relayed_byte_identical_and_counted_exactly(lab: Lab) -> None:
+    # Neither TLS nor HTTP inside the CONNECT: relayed as is. The origin reads until
+    # the client's FIN (a half-close through the proxy), then answers and closes.
+    up, down = bytes(range(7, 256)) * 4000 + b"\x00", bytes(range(256)) * 8000
+    got_up: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got_up.append(await reader.read())
+        writer.write(down)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    head = f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+        writer.write(head)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.write(up)
+        writer.write_eof()
+        async with asyncio.timeout(20):
+            got_down = await reader.read()
+        writer.close()
+    finally:
+        srv.close()
+    assert got_up == [up] and got_down == down
+    [c] = await lab.records("conn")
+    assert (c.service, c.close_reason, c.server_port) == (None, "fin", port)
+    assert (c.bytes_up, c.bytes_down) == (len(head) + len(up), len(down))
+    assert c.nat_ip == "127.0.0.1" and c.nat_port
+
+
+async def test_stopping_the_proxy_ends_open_tunnels_and_frees_their_descriptors(lab: Lab) -> None:
+    import os
+
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.put_nowait(await reader.readexactly(5))
+        await reader.read()  # holds the tunnel open until the proxy closes it
+        writer.close()
+        got.put_nowait(b"closed")
+
+    def sockets_and_pipes() -> int:
+        # The store opens its files meanwhile: count only what a relay could leave behind.
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return sum(1 for link in links if link.startswith(("socket:", "pipe:")))
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    fds_before = sockets_and_pipes()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+        writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.write(b"hello")
+        async with asyncio.timeout(10):
+            assert await got.get() == b"hello"
+            await lab.proxy.stop()
+            assert await reader.read() == b""
+            assert await got.get() == b"closed"
+        writer.close()
+        await asyncio.sleep(0.1)
+        # The client's socket and the origin's side are gone too; nothing of the relay stays.
+        assert sockets_and_pipes() == fds_before - 1  # the proxy's listening socket
+    finally:
+        srv.close()
+    [c] = await lab.records("conn")
+    assert c.close_reason == "shutdown" and c.bytes_up > 5
