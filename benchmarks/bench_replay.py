@@ -9,17 +9,21 @@ lookups of their own, some answered by CNAME chains). Then, in one run:
 * the CPU split on the first 100 MB: the Engine's calls against the adapter
   (reader, reassembly, HTTP framing, DNS parsing), which says where a speed-up
   has to come from;
-* ``linewarden replay --rules R FILE`` (a subprocess, JSON lines to a file):
-  MB/s and decisions/s; then the same with ``--jobs N`` (one worker per CPU);
+* ``linewarden replay --jobs 1 --rules R FILE`` (a subprocess, JSON lines to a
+  file): MB/s and decisions/s; then the same with the default ``--jobs`` (one
+  worker per CPU), and whether the two outputs are byte for byte the same;
 * ``tshark -r FILE -Y "http.request || dns" -T fields -e ...`` on the same file:
-  MB/s, and the ratio of the two;
+  MB/s, and the ratio of each replay to it;
+* with ``--runs K``, all of the above K times, interleaved (so a burst of load
+  from other jobs hits every contestant), then the median of each figure and
+  ratio; the load average is printed before and after;
 * with ``--compare-readers``, the capture reader alone: our ``struct`` reader
   (proxy/pcap.py) against dpkt's Reader + Ethernet/IP/TCP decoding.
 
 Checksums in the generated capture are left zero: neither tool verifies them by
 default, and computing them in Python would only slow the generator.
 
-Usage: .venv/bin/python benchmarks/bench_replay.py [--size-mb 520] [--compare-readers]
+Usage: .venv/bin/python benchmarks/bench_replay.py [--size-mb 520] [--runs 3] [--compare-readers]
 Output under benchmarks/out/ (git-ignored).
 """
 
@@ -31,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -320,7 +325,7 @@ def cpu_split(path: Path, rules: Path, limit_mb: int) -> None:
     for name in ("feed", "finish"):
         timed_method(BodyScan, name)
     stats = CaptureStats()
-    replay = Replay(engine)
+    replay = Replay(engine, flow_ids=False)  # as `linewarden replay` without --store
     start = time.process_time()
     with open(path, "rb") as f:
         for pkt in read_packets(f, stats):
@@ -358,8 +363,8 @@ def main() -> int:
     ap.add_argument("--skip-tshark", action="store_true")
     ap.add_argument("--split-mb", type=int, default=100,
                     help="MB of the capture for the Engine/adapter CPU split (0 = skip; default 100)")
-    ap.add_argument("--jobs", type=int, default=0,
-                    help="also time `replay --jobs N` (0 = one per CPU, the default; 1 = skip)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="measure every contestant this many times, interleaved, and print medians (default 1)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     rules, keywords, bad_hosts = build_rules(OUT / "rules")
@@ -378,37 +383,74 @@ def main() -> int:
 
     py = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
     base = [py, "-m", "linewarden", "replay", "--rules", str(rules), "--no-progress"]
-    results: dict[str, object] = {"capture_mb": round(size / 1e6)}
-    runs: list[tuple[str, float]] = []
-    jobs = args.jobs or os.cpu_count() or 1
-    for label, extra in [("replay", []), (f"replay --jobs {jobs}", ["--jobs", str(jobs)])][: 2 if jobs > 1 else 1]:
-        secs, decisions = timed(base + extra + [str(cap)], OUT / "replay.jsonl")
-        mbps = size / 1e6 / secs
-        print(f"linewarden {label}: {secs:.1f} s, {mbps:.1f} MB/s, {decisions} decisions, "
-              f"{decisions / secs:.0f} decisions/s")
-        runs.append((label, secs))
-        results[label] = {"s": round(secs, 2), "mbps": round(mbps, 1), "decisions": decisions,
-                          "decisions_per_s": round(decisions / secs)}
-    if args.skip_tshark:
-        return 0
-    tshark = shutil.which("tshark") or install_tshark()
-    if tshark is None:
+    sys.path.insert(0, str(ROOT))
+    from linewarden.commands.replay import default_jobs
+
+    jobs = default_jobs([cap])
+    variants = [("replay --jobs 1", ["--jobs", "1"])]
+    if jobs > 1:
+        variants.append((f"replay (default: --jobs 0 = {jobs} workers)", []))
+    tshark = None if args.skip_tshark else shutil.which("tshark") or install_tshark()
+    if tshark is None and not args.skip_tshark:
         print("tshark: not installed (DEBIAN_FRONTEND=noninteractive apt-get install -y tshark); no ratio")
-        return 0
-    cmd = [tshark, "-r", str(cap), "-Y", "http.request || dns", "-T", "fields"]
+    tshark_cmd = [str(tshark), "-r", str(cap), "-Y", "http.request || dns", "-T", "fields"]
     for fld in TSHARK_FIELDS:
-        cmd += ["-e", fld]
-    ts_secs, rows = timed(cmd, OUT / "tshark.tsv")
-    ts_mbps = size / 1e6 / ts_secs
-    print(f"tshark: {ts_secs:.1f} s, {ts_mbps:.1f} MB/s, {rows} rows")
-    results["tshark"] = {"s": round(ts_secs, 2), "mbps": round(ts_mbps, 1), "rows": rows}
-    for label, secs in runs:
-        ratio = ts_secs / secs
-        verdict = "faster than" if ratio > 1 else "slower than"
-        print(f"ratio: linewarden {label} runs at {ratio:.2f}x tshark's speed ({verdict} tshark)")
-        results[f"ratio {label}"] = round(ratio, 2)
+        tshark_cmd += ["-e", fld]
+    results: dict[str, object] = {"capture_mb": round(size / 1e6), "load_before": os.getloadavg()}
+    secs: dict[str, list[float]] = {}
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for run in range(args.runs):
+        tag = f"[run {run + 1}/{args.runs}] " if args.runs > 1 else ""
+        outputs = []
+        for i, (label, extra) in enumerate(variants):
+            out_path = OUT / f"replay-{i}.jsonl"
+            took, decisions = timed(base + extra + [str(cap)], out_path)
+            outputs.append(out_path)
+            secs.setdefault(label, []).append(took)
+            print(f"{tag}linewarden {label}: {took:.1f} s, {size / 1e6 / took:.1f} MB/s, {decisions} decisions, "
+                  f"{decisions / took:.0f} decisions/s")
+            results.setdefault("decisions", decisions)
+        if len(outputs) > 1:
+            same = all(_same_file(outputs[0], o) for o in outputs[1:])
+            print(f"{tag}outputs of {' and '.join(v[0] for v in variants)} byte for byte identical: "
+                  f"{'yes' if same else 'NO'}")
+            results["identical"] = same and results.get("identical", True)
+        if tshark is not None:
+            took, rows = timed(tshark_cmd, OUT / "tshark.tsv")
+            secs.setdefault("tshark", []).append(took)
+            print(f"{tag}tshark: {took:.1f} s, {size / 1e6 / took:.1f} MB/s, {rows} rows")
+            for label, _ in variants:
+                ratio = took / secs[label][-1]
+                print(f"{tag}ratio: linewarden {label} runs at {ratio:.2f}x tshark's speed "
+                      f"({'faster' if ratio > 1 else 'slower'} than tshark)")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results["load_after"] = os.getloadavg()
+    for label, values in secs.items():
+        med = statistics.median(values)
+        results[label] = {"s": [round(v, 2) for v in values], "median_mbps": round(size / 1e6 / med, 1)}
+        if args.runs > 1:
+            print(f"median of {len(values)}: {label}: {med:.1f} s, {size / 1e6 / med:.1f} MB/s")
+    if "tshark" in secs:
+        for label, _ in variants:
+            ratios = [t / r for t, r in zip(secs["tshark"], secs[label])]
+            med = statistics.median(ratios)
+            results[f"ratio {label}"] = [round(r, 2) for r in ratios]
+            if args.runs > 1:
+                print(f"median ratio: linewarden {label} runs at {med:.2f}x tshark's speed "
+                      f"(runs: {', '.join(f'{r:.2f}' for r in ratios)})")
     (OUT / "result.json").write_text(json.dumps(results) + "\n")
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Byte-for-byte comparison, 1 MiB at a time."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 if __name__ == "__main__":

@@ -24,6 +24,25 @@ responses that follow pair with the right requests.
 Parallel replay: ``Replay(shard=(k, n))`` decides only the flows with
 ``(sport + dport) % n == k`` (symmetric, so both directions of a flow land in the
 same shard); ``linewarden replay --jobs n`` runs n of them in worker processes.
+
+Output order. A single replay outputs, for each packet in capture order: first
+what the periodic sweep closed (idle TCP connections by last activity, then idle
+UDP flows by last activity, then unanswered DNS queries by query order), then what
+the packet itself completed; ``finish()`` closes the open TCP connections, then
+the UDP flows, each by last activity. Every one of those orders can be rebuilt
+from one shard's own flows, because
+1. every shard sees every packet: the packet numbers, the replay clock (the latest
+   capture time so far) and the moments of the sweeps are the same in all shards;
+2. idle timeouts compare the clock with the clock at a flow's last packet
+   (``seen``), which grows with the packet number, so the flows a sweep closes are
+   the same ones whether or not another shard's flows sit between them;
+3. with ``order_marks=True`` a shard puts an ``OrderMark`` (phase, the flow's
+   last packet number or the query's packet number and index) before the outputs
+   of each flow a sweep or ``finish()`` closes.
+So sorting the shards' outputs by (packet number, phase, order, sub, shard,
+position in the shard) gives exactly the single-process order. The one exception
+is the flow cap: each shard keeps ``max_flows / n`` flows, so a capture that
+overflows it evicts other flows than a single replay would.
 """
 
 from __future__ import annotations
@@ -34,11 +53,14 @@ import re
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dnslib
 
 from storage.communityid import community_id
+from proxy.dns_fastpath import (
+    HEADER, MAX_LABEL, RR_FIXED, T_A, T_AAAA, T_CNAME, T_OPT, FormatError, read_name, wire_name_text,
+)
 from proxy.pcap import TH_ACK, TH_FIN, TH_RST, TH_SYN, Packet, ip_text
 from proxy.reassembly import Gap, HalfStream, ReassemblyLimits
 from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, NeedMoreData, looks_like_tls, parse_client_hello
@@ -103,7 +125,8 @@ class Decision:
     matches: tuple[Match, ...] = ()
     ruleset_version: int = 0
     uid: str = ""
-    """Id of the connection (shared with its ``ConnSummary``)."""
+    """Id of the connection (shared with its ``ConnSummary``); empty from a replay
+    made with ``flow_ids=False``, like ``community_id``."""
     community_id: str = ""
     client_mac: str | None = None
     errors: tuple[str, ...] = ()
@@ -133,13 +156,14 @@ class Decision:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON line of issue 6: fields that do not apply to the kind are omitted."""
+        client, server = _ep(self.client_ip, self.client_port), _ep(self.server_ip, self.server_port)
         out: dict[str, Any] = {
             "ts": self.ts,
             "kind": self.kind,
-            "conn": f"{_ep(self.client_ip, self.client_port)}-{_ep(self.server_ip, self.server_port)}",
+            "conn": f"{client}-{server}",
             "index": self.index,
-            "client": _ep(self.client_ip, self.client_port),
-            "server": _ep(self.server_ip, self.server_port),
+            "client": client,
+            "server": server,
         }
         if self.kind == "http":
             out.update(method=self.method, host=self.host, url=self.url, status=self.status)
@@ -187,7 +211,55 @@ class ConnSummary:
     """Bytes never captured (TCP gaps), both directions."""
 
 
-type Output = Decision | ConnSummary
+# Phases of the outputs of one packet number (see "Output order" above).
+PHASE_SWEEP_TCP, PHASE_SWEEP_UDP, PHASE_SWEEP_DNS, PHASE_PACKET, PHASE_END_TCP, PHASE_END_UDP = range(6)
+
+
+class OrderMark(NamedTuple):
+    """In a replay made with ``order_marks=True``: the outputs that follow, up to
+    the next mark or the next packet, were closed in this phase, for this flow."""
+
+    phase: int
+    order: int
+    """The closed flow's last packet number, or the DNS query's packet number."""
+    sub: int = 0
+    """The DNS query's index in its flow (several queries can share a TCP packet)."""
+
+
+_PACKET_MARK = OrderMark(PHASE_PACKET, 0)
+"""Put after a sweep's outputs: what follows is the packet's own."""
+
+type Output = Decision | ConnSummary | OrderMark
+"""What a replay returns (``OrderMark`` only from one made with ``order_marks=True``)."""
+
+
+class OrderKeys:
+    """One shard's outputs → their sort keys in the single-process order.
+
+    Fed ``(packet number, output)`` in the order the shard's replay (made with
+    ``order_marks=True``) returned them; gives ``(packet number, phase, order, sub,
+    shard, position)`` for each ``Decision``/``ConnSummary`` and None for marks.
+    Sorting the keyed outputs of all shards (or merging them, as each shard's are
+    already sorted) gives the order a single replay outputs them in.
+    """
+
+    __slots__ = ("shard", "position", "number", "group")
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self.position = 0
+        self.number = -1
+        self.group = (PHASE_PACKET, 0, 0)
+
+    def key(self, number: int, output: Output) -> tuple[int, int, int, int, int, int] | None:
+        if number != self.number:  # a new packet: its outputs are its own until a mark says otherwise
+            self.number = number
+            self.group = (PHASE_PACKET, 0, 0)
+        if type(output) is OrderMark:
+            self.group = (output.phase, output.order, output.sub)
+            return None
+        self.position += 1
+        return (number, *self.group, self.shard, self.position)
 
 
 @dataclass(slots=True)
@@ -246,6 +318,8 @@ _HTTP_RESYNC = {
     False: re.compile(rb"(HTTP/1\.[01] [1-5][0-9][0-9][ \r])"),
 }
 DNS_PORT = 53
+_DNS_HEADER = HEADER.unpack_from
+_RR_FIXED = RR_FIXED.unpack_from
 
 
 # ---------------------------------------------------------------------------
@@ -255,19 +329,30 @@ DNS_PORT = 53
 class _Flow:
     """State common to a TCP connection and a UDP flow."""
 
-    __slots__ = ("replay", "cip", "cport", "sip", "sport", "client", "first_ts", "last_ts", "uid", "cid",
-                 "mac", "bytes_up", "bytes_down", "service", "worst", "rule_ids", "proto", "closed", "index", "keys")
+    __slots__ = ("replay", "cip", "cport", "sip", "sport", "client_addr", "first_ts", "last_ts", "uid", "cid",
+                 "mac", "bytes_up", "bytes_down", "service", "worst", "rule_ids", "proto", "closed", "index", "keys",
+                 "seen", "order")
 
     def __init__(self, replay: Replay, pkt: Packet, from_client: bool, proto: str) -> None:
         self.replay = replay
         src, sport, dst, dport = pkt.src, pkt.sport, pkt.dst, pkt.dport
         if not from_client:
             src, sport, dst, dport = dst, dport, src, sport
-        self.client = (src, sport)
+        self.client_addr = src
+        """The client's packed address (with ``cport``: tells the directions apart)."""
         self.cip, self.cport, self.sip, self.sport = ip_text(src), sport, ip_text(dst), dport
         self.first_ts = self.last_ts = pkt.ts
-        self.cid = community_id(pkt.proto, src, sport, dst, dport)
-        self.uid = _uid(self.cid, pkt.ts)
+        self.seen = replay._now
+        """The replay clock (the latest capture time so far) at this flow's last packet:
+        unlike ``last_ts`` it never goes back, so the tables ordered by activity are
+        ordered by it too, and idle timeouts compare against it."""
+        self.order = replay._number
+        """Number of this flow's last packet in the capture (see Replay's ordering rules)."""
+        if replay.flow_ids:
+            self.cid = community_id(pkt.proto, src, sport, dst, dport)
+            self.uid = _uid(self.cid, pkt.ts)
+        else:
+            self.cid = self.uid = ""
         self.mac = _mac_text(pkt.mac) if from_client else None
         self.bytes_up = self.bytes_down = 0
         self.service: str | None = None
@@ -468,7 +553,9 @@ class _TcpConn(_Flow):
         mode = self.mode
         if mode == "http":
             if from_client:
-                self._http_client(ts, chunks, out)
+                self._http_feed(True, ts, chunks, out)
+            elif self.resp_open is not None and not self.held:
+                self._http_feed(False, ts, chunks, out)  # the common case: inside a response
             else:
                 self._hold(ts, chunks, out)
         elif mode == "tls":
@@ -514,7 +601,7 @@ class _TcpConn(_Flow):
         if not self.held and self.mode == "http" and (
             self.resp_open is not None or self.next_txn > self._responses_started()
         ):
-            self._http_server(ts, chunks, out)  # the common case: a request is waiting
+            self._http_feed(False, ts, chunks, out)  # a request is waiting
             return
         for c in chunks:
             self.held.append((ts, c))
@@ -539,7 +626,7 @@ class _TcpConn(_Flow):
             return
         held, self.held, self.held_bytes = self.held, [], 0
         for hts, c in held:
-            self._http_server(hts, [c], out)
+            self._http_feed(False, hts, [c], out)
 
     def _responses_started(self) -> int:
         # Transactions whose response head has been seen: every one before the
@@ -551,25 +638,21 @@ class _TcpConn(_Flow):
             started += 1
         return started
 
-    def _http_client(self, ts: int, chunks: list[bytes | Gap], out: list[Output]) -> None:
-        assert self.req_stream is not None
+    def _http_feed(self, is_request: bool, ts: int, chunks: list[bytes | Gap], out: list[Output]) -> None:
+        """One direction's bytes (and gaps) into its HTTP parser."""
+        i = 0 if is_request else 1
         for c in chunks:
-            if isinstance(c, Gap):
-                self._http_gap(True, c, ts, out)
-            else:
-                c = self._resync_data(True, c)
-                if c:
-                    self._http_events(True, ts, self.req_stream.feed(c), out)
-
-    def _http_server(self, ts: int, chunks: list[bytes | Gap], out: list[Output]) -> None:
-        assert self.resp_stream is not None
-        for c in chunks:
-            if isinstance(c, Gap):
-                self._http_gap(False, c, ts, out)
-            else:
-                c = self._resync_data(False, c)
-                if c:
-                    self._http_events(False, ts, self.resp_stream.feed(c), out)
+            if type(c) is Gap:
+                self._http_gap(is_request, c, ts, out)
+                continue
+            if self.resync[i] is not None:
+                c = self._resync_data(is_request, c)
+                if not c:
+                    continue
+            # Looked up per piece: an event of the previous piece may have restarted the parser.
+            stream = self.req_stream if is_request else self.resp_stream
+            assert stream is not None
+            self._http_events(is_request, ts, stream.feed(c), out)
 
     def _http_gap(self, is_request: bool, gap: Gap, ts: int, out: list[Output]) -> None:
         """Missing bytes: the message under way is decided on what was seen, with
@@ -640,8 +723,8 @@ class _TcpConn(_Flow):
     def _http_events(self, is_request: bool, ts: int, events: list[Any], out: list[Output]) -> None:
         engine = self.replay.engine
         for ev in events:
-            if isinstance(ev, BodyData):
-                txn = self._current_txn(is_request)
+            if type(ev) is BodyData:
+                txn = self.resp_open if not is_request else self._current_txn(True)
                 if txn is not None:
                     self._body(txn, is_request, ev.data)
             elif isinstance(ev, Head):
@@ -840,15 +923,26 @@ class Replay:
     """Packets in capture order → ``Decision``s (and ``ConnSummary``s when asked)."""
 
     def __init__(self, engine: Engine, *, limits: ReplayLimits | None = None, want_conns: bool = False,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), order_marks: bool = False, flow_ids: bool = True) -> None:
         self.engine = engine
         self.limits = limits or ReplayLimits()
         self.want_conns = want_conns
         """Also emit a ``ConnSummary`` when each connection/flow ends (for the store)."""
         self.shard, self.shards = shard
-        """This replay handles the flows whose ``flow_shard`` is ``shard[0]`` of
-        ``shard[1]`` (parallel replay: one process per shard, each reading the
+        """This replay handles the flows whose ``(sport + dport) % shard[1]`` is
+        ``shard[0]`` (parallel replay: one process per shard, each reading the
         whole capture). DNS answers of other shards are still read for ``dns_name``."""
+        self.flow_ids = flow_ids
+        """Give each flow its ``uid`` and Community ID (records carry them; JSON lines
+        do not, and two SHA-1 digests a flow are a few percent of a replay's time)."""
+        self.order_marks = order_marks
+        """Put an ``OrderMark`` before the outputs of each flow closed by a sweep or
+        by ``finish()`` (see "Output order" in the module docstring)."""
+        self._max_flows = max(1, self.limits.max_flows // self.shards)
+        """Each of n shards keeps 1/n of the flow cap: the processes together stay
+        within ``max_flows``."""
+        self._number = 0
+        """Packets given to ``packet()`` so far, every shard's included."""
         self.stats = ReplayStats()
         self._tcp: dict[tuple[bytes, int, bytes, int], _TcpConn] = {}
         self._udp: dict[tuple[bytes, int, bytes, int], _UdpFlow] = {}
@@ -859,9 +953,9 @@ class Replay:
         self._udp_active: OrderedDict[_UdpFlow, None] = OrderedDict()
         self._time_wait: OrderedDict[_TcpConn, None] = OrderedDict()
         """Closed connections, in closing order, kept ``time_wait_us``."""
-        self._dns_deadlines: deque[tuple[int, _Flow, int]] = deque()
-        """(query time, flow, id) of DNS queries, in capture order: unanswered ones
-        are decided ``dns_answer_us`` later."""
+        self._dns_deadlines: deque[tuple[int, int, _Flow, int, int]] = deque()
+        """(replay clock, packet number, flow, id, index) of DNS queries, in capture
+        order: unanswered ones are decided ``dns_answer_us`` later."""
         self._now = 0
         self._next_sweep = 0
         self.resolved: dict[tuple[str, str], str] = {}
@@ -872,19 +966,25 @@ class Replay:
     def packet(self, pkt: Packet) -> list[Output]:
         """One decoded packet; returns what it completed."""
         out: list[Output] = []
-        if self.shards > 1 and (pkt.sport + pkt.dport) % self.shards != self.shard:
-            if self.want_conns and pkt.proto == 17 and pkt.sport == DNS_PORT:
-                self._remember_only(pkt)
-            return out
-        self.stats.packets += 1
-        self.stats.payload_bytes += len(pkt.payload)
+        self._number += 1
         ts = pkt.ts
         if ts > self._now:
+            # The clock and the sweeps follow every packet, other shards' included,
+            # so that every shard sweeps at the same packets as a single replay does.
             self._now = ts
             if ts >= self._next_sweep:
                 if self._next_sweep:
                     self._sweep(out)
+                    if out and self.order_marks:
+                        out.append(_PACKET_MARK)
                 self._next_sweep = ts + self.limits.sweep_every_us
+        if self.shards > 1 and (pkt.sport + pkt.dport) % self.shards != self.shard:
+            if self.want_conns and pkt.proto == 17 and pkt.sport == DNS_PORT:
+                self._remember_only(pkt)
+            return out
+        stats = self.stats
+        stats.packets += 1
+        stats.payload_bytes += len(pkt.payload)
         if pkt.proto == 6:
             self._tcp_packet(pkt, out)
         elif pkt.sport == DNS_PORT or pkt.dport == DNS_PORT:
@@ -894,12 +994,20 @@ class Replay:
     def finish(self) -> list[Output]:
         """End of input: close every open flow (deciding what it still holds)."""
         out: list[Output] = []
-        for conn in list(self._tcp_active) + list(self._time_wait):
+        for conn in list(self._tcp_active):
+            self._mark(out, PHASE_END_TCP, conn.order)
             self._drop_tcp(conn, out, "end of capture")
+        for conn in list(self._time_wait):
+            self._drop_tcp(conn, out, "end of capture")  # closed already: nothing to output, no mark
         for flow in list(self._udp_active):
+            self._mark(out, PHASE_END_UDP, flow.order)
             self._drop_udp(flow, out, "end of capture")
         self._dns_deadlines.clear()
         return out
+
+    def _mark(self, out: list[Output], phase: int, order: int, sub: int = 0) -> None:
+        if self.order_marks:
+            out.append(OrderMark(phase, order, sub))
 
     def run(self, packets: Iterable[Packet]) -> Iterator[Output]:
         """Every output of ``packets`` followed by ``finish()``."""
@@ -908,9 +1016,16 @@ class Replay:
         yield from self.finish()
 
     def _tcp_packet(self, pkt: Packet, out: list[Output]) -> None:
-        key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
-        conn = self._tcp.get(key)
+        conn = self._tcp.get((pkt.src, pkt.sport, pkt.dst, pkt.dport))
         flags = pkt.flags
+        if conn is not None and not conn.closed and not pkt.payload and not flags & (TH_SYN | TH_FIN | TH_RST):
+            # A bare ACK (a third of the packets of a typical capture) only keeps its
+            # connection alive: the same bookkeeping as below, without the detour.
+            conn.last_ts = pkt.ts
+            conn.seen = self._now
+            conn.order = self._number
+            self._tcp_active.move_to_end(conn)
+            return
         if conn is not None and flags & TH_SYN and not flags & TH_ACK and (conn.closed or conn.fin_or_rst):
             # The 4-tuple is reused by a new connection (RFC 9293 §3.10.7.4, TIME-WAIT reuse).
             self._drop_tcp(conn, out, conn.reason)
@@ -928,9 +1043,10 @@ class Replay:
             self._add(self._tcp, pkt, conn, out)
             self.stats.tcp_flows += 1
         else:
+            conn.seen = self._now
+            conn.order = self._number
             self._tcp_active.move_to_end(conn)
-        from_client = (pkt.src, pkt.sport) == conn.client
-        conn.packet(pkt, from_client, out)
+        conn.packet(pkt, pkt.sport == conn.cport and pkt.src == conn.client_addr, out)
         if conn.closed:
             del self._tcp_active[conn]
             self._time_wait[conn] = None
@@ -957,8 +1073,10 @@ class Replay:
             self._add(self._udp, pkt, flow, out)
             self.stats.udp_flows += 1
         else:
+            flow.seen = self._now
+            flow.order = self._number
             self._udp_active.move_to_end(flow)
-        from_client = (pkt.src, pkt.sport) == flow.client
+        from_client = pkt.sport == flow.cport and pkt.src == flow.client_addr
         flow.last_ts = pkt.ts
         if from_client:
             flow.bytes_up += len(pkt.payload)
@@ -967,7 +1085,7 @@ class Replay:
         self._dns_message(flow, pkt.payload, pkt.ts, from_client, "udp", out)
 
     def _add(self, table: dict[Any, Any], pkt: Packet, flow: _Flow, out: list[Output]) -> None:
-        if len(self._tcp_active) + len(self._udp_active) + len(self._time_wait) >= self.limits.max_flows:
+        if len(self._tcp_active) + len(self._udp_active) + len(self._time_wait) >= self._max_flows:
             self._evict(out)
         flow.keys = ((pkt.src, pkt.sport, pkt.dst, pkt.dport), (pkt.dst, pkt.dport, pkt.src, pkt.sport))
         for key in flow.keys:
@@ -998,29 +1116,32 @@ class Replay:
             out.append(flow.summary(reason))
 
     def _sweep(self, out: list[Output]) -> None:
-        """Close idle flows and decide unanswered DNS queries (capture time); only
+        """Close idle flows and decide unanswered DNS queries (replay clock); only
         the oldest entries of each ordered table are looked at."""
         now, lim = self._now, self.limits
         while self._time_wait:
             conn = next(iter(self._time_wait))
-            if now - conn.last_ts <= lim.time_wait_us:
+            if now - conn.seen <= lim.time_wait_us:
                 break
-            self._drop_tcp(conn, out, conn.reason)
+            self._drop_tcp(conn, out, conn.reason)  # closed already: nothing to output, no mark
         while self._tcp_active:
             conn = next(iter(self._tcp_active))
-            if now - conn.last_ts <= lim.tcp_idle_us:
+            if now - conn.seen <= lim.tcp_idle_us:
                 break
+            self._mark(out, PHASE_SWEEP_TCP, conn.order)
             self._drop_tcp(conn, out, "timeout")
         while self._udp_active:
             flow = next(iter(self._udp_active))
-            if now - flow.last_ts <= lim.udp_idle_us:
+            if now - flow.seen <= lim.udp_idle_us:
                 break
+            self._mark(out, PHASE_SWEEP_UDP, flow.order)
             self._drop_udp(flow, out, "timeout")
         deadlines = self._dns_deadlines
         while deadlines and now - deadlines[0][0] > lim.dns_answer_us:
-            qts, owner, dns_id = deadlines.popleft()
+            _, number, owner, dns_id, index = deadlines.popleft()
             pending = owner.dns_pending  # type: ignore[attr-defined]
-            if not owner.closed and dns_id in pending and pending[dns_id][0] == qts:
+            if not owner.closed and dns_id in pending and pending[dns_id][3] == index:
+                self._mark(out, PHASE_SWEEP_DNS, number, index)
                 self._dns_unanswered(owner, dns_id, out)
 
     def _evict(self, out: list[Output]) -> None:
@@ -1037,7 +1158,7 @@ class Replay:
             if tcp is None and udp is None:
                 return
             self.stats.evicted_flows += 1
-            if udp is None or (tcp is not None and tcp.last_ts <= udp.last_ts):
+            if udp is None or (tcp is not None and tcp.order <= udp.order):
                 self._drop_tcp(tcp, out, "evicted")  # type: ignore[arg-type]
             else:
                 self._drop_udp(udp, out, "evicted")
@@ -1046,24 +1167,32 @@ class Replay:
 
     def _dns_message(self, flow: _Flow, data: bytes, ts: int, from_client: bool, transport: str,
                      out: list[Output]) -> None:
-        """One DNS message (dnslib parses; malformed ones are counted and skipped)."""
-        try:
-            msg = dnslib.DNSRecord.parse(data)
-            q = msg.questions[0]
-            qname = _qname_text(q.qname)
-            qtype = int(q.qtype)
-            dns_id = int(msg.header.id)
-            is_response = bool(msg.header.qr)
-            answers = msg.rr if is_response else []
-            rcode = int(msg.header.rcode) if is_response else None
-            cnames = [_qname_text(rr.rdata.label) for rr in answers if rr.rtype == dnslib.QTYPE.CNAME]
-            # Answers' text is for records only (the JSON line does not carry it).
-            answer_text = tuple(str(rr.rdata) for rr in answers) if self.want_conns else ()
-        except Exception:
-            # Malformed (pointer loops, truncation, bad labels...): dnslib raises
-            # DNSError, but also IndexError/struct.error/UnicodeError on some inputs.
-            self.stats.dns_malformed += 1
-            return
+        """One DNS message (``read_common_dns`` or dnslib parses; malformed ones are
+        counted and skipped)."""
+        # Records need every answer's text (dnslib's): only JSON lines take the fast path.
+        common = None if self.want_conns else read_common_dns(data)
+        if common is not None:
+            dns_id, is_response, rcode, qname, qtype, cnames = common
+            answers: list[Any] = []
+            answer_text: tuple[str, ...] = ()
+        else:
+            try:
+                msg = dnslib.DNSRecord.parse(data)
+                q = msg.questions[0]
+                qname = _qname_text(q.qname)
+                qtype = int(q.qtype)
+                dns_id = int(msg.header.id)
+                is_response = bool(msg.header.qr)
+                answers = msg.rr if is_response else []
+                rcode = int(msg.header.rcode) if is_response else None
+                cnames = [_qname_text(rr.rdata.label) for rr in answers if rr.rtype == dnslib.QTYPE.CNAME]
+                # Answers' text is for records only (the JSON line does not carry it).
+                answer_text = tuple(str(rr.rdata) for rr in answers) if self.want_conns else ()
+            except Exception:
+                # Malformed (pointer loops, truncation, bad labels...): dnslib raises
+                # DNSError, but also IndexError/struct.error/UnicodeError on some inputs.
+                self.stats.dns_malformed += 1
+                return
         pending: dict[int, tuple[int, str, int, int]] = flow.dns_pending  # type: ignore[attr-defined]
         if not is_response:
             if len(pending) >= self.limits.max_dns_pending:
@@ -1071,8 +1200,8 @@ class Replay:
             if dns_id in pending:  # the same id again: a retry; the first one stands
                 return
             pending[dns_id] = (ts, qname, qtype, flow.index)
+            self._dns_deadlines.append((self._now, self._number, flow, dns_id, flow.index))
             flow.index += 1
-            self._dns_deadlines.append((ts, flow, dns_id))
             return
         if rcode == 0 and answers and self.want_conns:
             self._remember(flow.cip, qname, answers)
@@ -1124,6 +1253,93 @@ class Replay:
 
 
 _SERVER_PORTS = frozenset({80, 443, 53, 8080, 8000, 8443, 3128})
+
+
+def read_common_dns(data: bytes) -> tuple[int, bool, int | None, str, int, list[str]] | None:
+    """``(id, is_response, rcode, qname, qtype, cnames)`` of a DNS message of the
+    common shape, read without building objects; None for anything else.
+
+    The common shape: one question whose name is plain labels of printable ASCII
+    (no ``.`` or ``\\`` inside a label), answers of type A (4 bytes), AAAA (16)
+    or CNAME (a name filling its rdata exactly), no authority records, at most one
+    additional record, the EDNS0 OPT (RFC 6891 6.1.2) of the root, and nothing
+    after the last record. Every such message is one dnslib reads without error
+    and to the same fields (``tests/proxy/test_replay.py`` checks both on
+    generated and mutated messages), so dnslib alone still decides what is
+    malformed: whatever is not of this shape goes to it. dnslib builds a dozen
+    objects per message; this costs a few microseconds.
+    """
+    n = len(data)
+    if n < 17:
+        return None
+    dns_id, flags, qd, an, ns, ar = _DNS_HEADER(data, 0)
+    if qd != 1 or ns or ar > 1:
+        return None
+    pos = 12
+    while True:
+        ln = data[pos]
+        if not ln:
+            break
+        if ln > MAX_LABEL:  # a pointer or a reserved label type
+            return None
+        pos += 1 + ln
+        if pos >= n:
+            return None
+    qname = wire_name_text(data, 12, pos)
+    if "\\" in qname:  # an octet that needed an escape: dnslib's text differs
+        return None
+    if pos + 5 > n:
+        return None
+    qtype = (data[pos + 1] << 8) | data[pos + 2]
+    pos += 5
+    cnames: list[str] = []
+    for _ in range(an):
+        if pos + 1 < n and data[pos] == 0xC0 and data[pos + 1] == 12:
+            pos += 2  # the usual owner: a pointer to the question's name, read above
+        else:
+            try:
+                owner, pos = read_name(data, pos)
+            except FormatError:
+                return None
+            if "\\" in owner:
+                return None
+        if pos + 10 > n:
+            return None
+        rtype, _, _, rdlen = _RR_FIXED(data, pos)
+        pos += 10
+        end = pos + rdlen
+        if end > n:
+            return None
+        if rtype == T_CNAME:
+            try:
+                target, after = read_name(data, pos)
+            except FormatError:
+                return None
+            if after != end or "\\" in target:
+                return None
+            cnames.append(target)
+        elif not (rtype == T_A and rdlen == 4 or rtype == T_AAAA and rdlen == 16):
+            return None
+        pos = end
+    if ar:
+        if pos + 11 > n or data[pos]:
+            return None
+        rtype, _, _, rdlen = _RR_FIXED(data, pos + 1)
+        pos += 11
+        end = pos + rdlen
+        if rtype != T_OPT or end > n:
+            return None
+        # dnslib reads options while more than 4 bytes remain; each must fit.
+        p = pos
+        while end - p > 4:
+            p += 4 + ((data[p + 2] << 8) | data[p + 3])
+            if p > end:
+                return None
+        pos = end
+    if pos != n:
+        return None
+    is_response = bool(flags & 0x8000)
+    return dns_id, is_response, flags & 0xF if is_response else None, qname, qtype, cnames if is_response else []
 
 
 def _qname_text(label: Any) -> str:

@@ -13,6 +13,13 @@ Exit status:
   2  usage error, or the rule set is invalid;
   3  the store could not be written.
 A worker process that fails (``--jobs``) is reported like a damaged capture (1).
+
+Parallel by default: on a capture of ``PARALLEL_MIN_BYTES`` or more, one worker
+process per CPU decides a share of the flows (proxy/replay.py, "Parallel replay")
+and the parent merges their outputs into exactly the order a single process
+gives (proxy/replay.py, "Output order"), so the output does not depend on
+``--jobs``. ``--jobs 1`` keeps the replay on one core (say, on a gateway whose
+other core serves live traffic).
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ merge the workers' outputs without waiting for a worker with nothing to say."""
 FINISH_INDEX = 1 << 62
 """Packet number given to the outputs of the end of the capture (after every packet)."""
 
+PARALLEL_MIN_BYTES = 16 << 20
+"""Below this much capture the default (``--jobs 0``) replays in this process:
+starting workers and merging their outputs costs ~0.1-0.2 s, about what one
+process takes for a few MB."""
+
 QUEUE_BATCHES_PER_JOB = 8
 """Bound of the worker → parent queue, in batches per worker: workers wait
 (back-pressure) rather than buffer without limit when the output is slow."""
@@ -71,9 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="write records into this audit store (forensic import) instead of printing JSON")
     p.add_argument("--backend", default="auto", choices=("auto", "hyperscan", "aho"),
                    help="keyword matcher backend (default: auto = hyperscan when installed)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="worker processes, each deciding a share of the flows (0 = one per CPU; default 1). "
-                   "Same decisions, in a deterministic order (by the packet that completed each)")
+    p.add_argument("--jobs", type=int, default=0, metavar="N",
+                   help="worker processes, each deciding a share of the flows (default 0: one per CPU this "
+                   "process may use, or none for captures under 16 MiB; 1: this process only). The output "
+                   "is the same, line for line, whatever N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="pcap or pcapng files, replayed in order")
     p.set_defaults(func=run)
@@ -88,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args.rules, args.backend, "linewarden replay")
     if engine is None:
         return EXIT_USAGE
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = args.jobs or default_jobs(args.files)
     session = _Session(engine, args.files, want_conns=args.store is not None,
                        progress=not args.no_progress and sys.stderr.isatty(), jobs=jobs)
     if args.store is None:
@@ -98,6 +111,15 @@ def run(args: argparse.Namespace) -> int:
         status = _store(session, args.store)
     session.summary(sys.stderr)
     return status
+
+
+def default_jobs(files: list[Path]) -> int:
+    """``--jobs 0``: one worker per CPU this process may run on (its affinity mask,
+    which containers and ``taskset`` narrow), none for small captures."""
+    if sum(_size(p) for p in files) < PARALLEL_MIN_BYTES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cpus or 1)
 
 
 def _json_line(output: Any) -> bytes | None:
@@ -181,7 +203,8 @@ class _Session:
     def _serial(self, convert: Callable[[Any], Any]) -> Iterator[Any]:
         from proxy.replay import Replay
 
-        replay = Replay(self.engine, want_conns=self.want_conns)
+        # JSON lines carry neither uid nor Community ID: only records need them.
+        replay = Replay(self.engine, want_conns=self.want_conns, flow_ids=self.want_conns)
         self.stats = replay.stats
         for _, item in _replay_files(replay, self.files, self.capture, self._error,
                                      self._draw if self.progress else None):
@@ -215,12 +238,13 @@ class _Session:
         return procs, q
 
     def _collect(self, procs: list[Any], q: Any) -> Iterator[Any]:
-        """The workers' outputs merged in a deterministic order: by the packet that
-        completed each (every worker reads every packet, so packet numbers are
-        shared), then shard, then the worker's own order. An item is released once
-        every worker has reported progress past its packet (the watermarks)."""
+        """The workers' outputs merged into the single-process order (proxy/replay.py,
+        "Output order"): by the packet that completed each (every worker reads every
+        packet, so packet numbers are shared), then its phase and flow order, then
+        shard, then the worker's own order. An item is released once every worker
+        has reported progress past its packet (the watermarks)."""
         finished = 0
-        pending: list[deque[tuple[int, int, int, Any]]] = [deque() for _ in procs]
+        pending: list[deque[tuple[Any, ...]]] = [deque() for _ in procs]
         marks = [-1] * len(procs)
         try:
             while finished < self.jobs:
@@ -295,16 +319,16 @@ class _Session:
         print(line + (f"; {'; '.join(notes)}" if notes else ""), file=err)
 
 
-def _release(pending: list[deque[tuple[int, int, int, Any]]], limit: int) -> Iterator[Any]:
-    """Items of every shard up to packet ``limit``, merged by (packet, shard, sequence)."""
+def _release(pending: list[deque[tuple[Any, ...]]], limit: int) -> Iterator[Any]:
+    """Items of every shard up to packet ``limit``, merged by their keys (``_worker``)."""
     ready = []
     for d in pending:
         take = []
         while d and d[0][0] <= limit:
             take.append(d.popleft())
         ready.append(take)
-    for _, _, _, item in heapq.merge(*ready):
-        yield item
+    for key in heapq.merge(*ready):
+        yield key[-1]
 
 
 def _replay_files(replay: Any, files: list[Path], capture: Any, error: Callable[[str], None],
@@ -349,9 +373,12 @@ def _replay_files(replay: Any, files: list[Path], capture: Any, error: Callable[
 def _worker(shard: int, jobs: int, engine: Any, files: list[Path], want_conns: bool,
             convert: Callable[[Any], Any], q: Any, progress: bool) -> None:
     """One worker process: the whole capture, deciding only its share of the flows.
-    Shard 0 reports capture errors, progress and the capture statistics."""
+    Shard 0 reports capture errors, progress and the capture statistics.
+
+    Each converted item goes to the parent with its ``OrderKeys`` key: its place
+    in the single-process order."""
     from proxy.pcap import CaptureStats
-    from proxy.replay import Replay
+    from proxy.replay import OrderKeys, Replay
 
     def error(message: str) -> None:
         if shard == 0:
@@ -361,19 +388,21 @@ def _worker(shard: int, jobs: int, engine: Any, files: list[Path], want_conns: b
         q.put(("progress", (name, pos, decisions * jobs)))
 
     try:
-        replay = Replay(engine, want_conns=want_conns, shard=(shard, jobs))
+        replay = Replay(engine, want_conns=want_conns, shard=(shard, jobs), order_marks=True, flow_ids=want_conns)
         capture = CaptureStats()
-        batch: list[tuple[int, int, int, Any]] = []
-        seq = 0
+        batch: list[tuple[Any, ...]] = []
+        keys = OrderKeys(shard)
         for number, item in _replay_files(replay, files, capture, error, draw if progress else None):
             if item is None:  # watermark: everything up to this packet is in the batch
                 q.put(("items", (shard, batch, number)))
                 batch = []
                 continue
+            key = keys.key(number, item)
+            if key is None:
+                continue
             converted = convert(item)
             if converted is not None:
-                batch.append((number, shard, seq, converted))
-                seq += 1
+                batch.append((*key, converted))
                 if len(batch) >= BATCH_ITEMS:
                     # More outputs of this same packet may follow: mark the one before.
                     q.put(("items", (shard, batch, number - 1)))

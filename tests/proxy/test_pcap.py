@@ -8,12 +8,15 @@ import struct
 import dpkt
 import pytest
 
+import proxy.pcap as pcap_module
 from proxy.pcap import (
     MAX_RECORD_BYTES,
     CaptureError,
     CaptureStats,
     Packet,
+    decode,
     ip_text,
+    read_frames,
     read_packets,
 )
 from tests.proxy.captures import Conversation, pcap_bytes, pcapng_bytes, udp_packet
@@ -166,3 +169,72 @@ def test_corpus_bad_pcaps(corpus) -> None:  # type: ignore[no-untyped-def]
     assert "truncated record" in outcomes["truncated_mid_record.pcap"]
     assert "empty file" in outcomes["empty.pcap"]
     assert "magic" in outcomes["bad_magic.pcap"]
+
+
+def _frames_decoded(data: bytes) -> tuple[list[Packet | str], CaptureStats]:
+    """The general path: every record as a ``Frame``, then ``decode``."""
+    stats = CaptureStats()
+    out: list[Packet | str] = []
+    try:
+        for frame in read_frames(io.BytesIO(data), stats):
+            stats.records += 1
+            stats.bytes += len(frame.data)
+            pkt = decode(frame, stats)
+            if pkt is not None:
+                stats.packets += 1
+                out.append(pkt)
+    except CaptureError as e:
+        out.append(str(e))
+    return out, stats
+
+
+def _fast(data: bytes) -> tuple[list[Packet | str], CaptureStats]:
+    stats = CaptureStats()
+    out: list[Packet | str] = []
+    try:
+        out.extend(read_packets(io.BytesIO(data), stats))
+    except CaptureError as e:
+        out.append(str(e))
+    return out, stats
+
+
+def _odd_records() -> list[tuple[int, bytes]]:
+    """Records the pcap fast path must pass on (or decode) exactly as ``decode`` does."""
+    conv = _conv().packets(t0=T0)
+    ts, udp = udp_packet(("192.0.2.1", 5000), ("198.51.100.53", 53), b"query", T0)
+    tcp = conv[3][1]
+    frag = bytearray(udp)
+    frag[14 + 7] = 0x10  # a fragment offset
+    opts = bytearray(tcp)
+    opts[14] = 0x46  # IPv4 header with options: the general path
+    snapped = tcp[:60]  # IP total length beyond the captured bytes
+    bad_udp_len = bytearray(udp)
+    bad_udp_len[14 + 20 + 4 : 14 + 20 + 6] = b"\xff\xff"
+    bad_doff = bytearray(tcp)
+    bad_doff[14 + 20 + 12] = 0x20  # data offset 8 bytes: below the minimum
+    return [*conv, (ts, udp), (ts, udp + b"\0" * 20), (ts, bytes(frag)), (ts, bytes(opts)), (ts, snapped),
+            (ts, bytes(bad_udp_len)), (ts, bytes(bad_doff)), (ts, tcp[:40]), (ts, b"\x01" * 13),
+            *_conv(v6=True).packets(vlans=(5,))]
+
+
+@pytest.mark.parametrize("nano", [False, True])
+def test_pcap_fast_path_gives_what_the_general_decoder_gives(nano: bool) -> None:
+    data = pcap_bytes(_odd_records(), nano=nano)
+    fast, fast_stats = _fast(data)
+    general, general_stats = _frames_decoded(data)
+    assert fast == general
+    assert fast_stats == general_stats
+    assert len(fast) >= 15 and general_stats.skipped and general_stats.warnings
+
+
+def test_records_straddling_every_read_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tiny read blocks put a block boundary inside every record header and body;
+    # truncated files end at every such place too.
+    data = pcap_bytes(_odd_records() + _conv().send(False, b"y" * 3000).packets())
+    expected = _frames_decoded(data)
+    for chunk in (7, 16, 33, 100):
+        monkeypatch.setattr(pcap_module, "READ_CHUNK", chunk)
+        assert _fast(data) == expected
+        for cut in range(24, len(data), 97):
+            got, _ = _fast(data[:cut])
+            assert got == _frames_decoded(data[:cut])[0]

@@ -19,7 +19,9 @@ import dnslib
 import pytest
 
 from proxy.pcap import read_packets
-from proxy.replay import ConnSummary, Decision, Replay, ReplayLimits, to_record
+from proxy.replay import (
+    ConnSummary, Decision, OrderKeys, OrderMark, Replay, ReplayLimits, _qname_text, read_common_dns, to_record,
+)
 from tests.proxy.captures import (
     ACK,
     RST,
@@ -587,3 +589,172 @@ def test_dns_pending_limit_decides_the_oldest(engine: Engine) -> None:
         assert all(len(f.dns_pending) <= 4 for f in rp._udp_active)
     outs += rp.finish()
     assert sorted(d.dns_id for d in outs if isinstance(d, Decision)) == list(range(100, 110))
+
+
+# ---------------------------------------------------------------------------
+# Parallel replay: shards merged by their OrderKeys give the single-process order
+
+
+def busy_capture(seed: int = 7, conversations: int = 90) -> list[tuple[int, bytes]]:
+    """A capture that exercises every ordering rule of the replay: HTTP connections
+    closed, reset and left open (closed later by the idle sweep), answered and
+    unanswered DNS queries, TLS, a reused 4-tuple, over 40 minutes of capture time
+    (so sweeps close flows mid-capture), client ports on every shard, and a few
+    packets whose timestamps go backwards."""
+    rnd = random.Random(seed)
+    hello = openssl_hello("www.example.com", ["http/1.1"])
+    pkts: list[tuple[int, bytes]] = []
+    t = 1_700_000_000_000_000
+    reusable: list[tuple[str, int]] = []
+    for i in range(conversations):
+        t += rnd.randrange(1, 55) * 1_000_000
+        kind = rnd.random()
+        client = (f"192.0.2.{1 + rnd.randrange(20)}", 20000 + rnd.randrange(3000))
+        if kind < 0.12 and reusable:
+            client = rnd.choice(reusable)  # the same 4-tuple again: a new connection
+            kind = 0.2
+        if kind < 0.45:
+            c = Conversation(client=client, isn_c=rnd.getrandbits(32), isn_s=rnd.getrandbits(32)).handshake()
+            for k in range(rnd.randint(1, 3)):
+                host = BLOCKED_HOST if rnd.random() < 0.15 else "www.example.com"
+                page = PAGE_BLOCK if rnd.random() < 0.2 else PAGE_ALLOW
+                c.send(True, request(f"/{i}/{k}", host=host)).send(False, response(page), mss=rnd.choice([40, 700, 1400]))
+            end = rnd.random()
+            if end < 0.6:
+                c.close()
+                reusable.append(client)
+            elif end < 0.75:
+                c.segs.append(Seg(True, c.c_next, c.s_next, RST | ACK))
+            # else: left open, for the idle sweep (or the end of the capture)
+            pkts += c.packets(t0=t)
+        elif kind < 0.7:
+            name = rnd.choice([BLOCKED_HOST, "a.example", "www.example.com", "cdn.example.net"])
+            cname = "edge." + WILDCARD_HOST if rnd.random() < 0.2 else None
+            pair = dns_pair(name, rnd.randrange(65536), cname=cname, port=client[1], t=t - 1_700_000_000_000_000)
+            pkts += pair if rnd.random() < 0.8 else pair[:1]  # some never answered
+        else:
+            c = Conversation(client=client, server=("203.0.113.5", 443)).handshake()
+            c.send(True, hello).send(False, b"\x16\x03\x03\x00\x02\x02\x00")
+            pkts += c.close().packets(t0=t)
+    pkts.sort(key=lambda p: p[0])
+    for j in rnd.sample(range(len(pkts) - 1), len(pkts) // 40):  # capture order != timestamp order
+        pkts[j], pkts[j + 1] = pkts[j + 1], pkts[j]
+    return pkts
+
+
+def _merged_shards(engine: Engine, data: bytes, shards: int, **kw: object) -> list[object]:
+    keyed = []
+    for k in range(shards):
+        rp = Replay(engine, shard=(k, shards), order_marks=True, **kw)  # type: ignore[arg-type]
+        keys = OrderKeys(k)
+        number = 0
+        for pkt in read_packets(io.BytesIO(data)):
+            number += 1
+            keyed += [(key, o) for o in rp.packet(pkt) if (key := keys.key(number, o)) is not None]
+        keyed += [(key, o) for o in rp.finish() if (key := keys.key(1 << 62, o)) is not None]
+    return [o for _, o in sorted(keyed, key=lambda ko: ko[0])]
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_merged_by_order_keys_give_the_single_process_output(engine: Engine, shards: int) -> None:
+    data = pcap_bytes(busy_capture())
+    limits = ReplayLimits(sweep_every_us=1_000_000)
+    serial_rp = Replay(engine, want_conns=True, limits=limits)
+    serial = list(serial_rp.run(read_packets(io.BytesIO(data))))
+    # The capture does what it is for: flows closed by sweeps mid-capture, and by its end.
+    reasons = {o.close_reason for o in serial if isinstance(o, ConnSummary)}
+    assert {"timeout", "fin", "rst", "end of capture"} <= reasons
+    assert sum(isinstance(o, Decision) and o.kind == "dns" and o.rcode is None for o in serial) >= 3
+    merged = _merged_shards(engine, data, shards, want_conns=True, limits=limits)
+    assert merged == serial
+
+
+def test_order_marks_only_when_asked(engine: Engine) -> None:
+    data = pcap_bytes(busy_capture(conversations=30))
+    outs = list(Replay(engine, shard=(0, 2)).run(read_packets(io.BytesIO(data))))
+    assert not [o for o in outs if isinstance(o, OrderMark)]
+    outs = list(Replay(engine, shard=(0, 2), order_marks=True).run(read_packets(io.BytesIO(data))))
+    assert [o for o in outs if isinstance(o, OrderMark)]
+
+
+def test_flow_ids_can_be_left_out(engine: Engine) -> None:
+    data = pcap_bytes(keepalive().packets())
+    with_ids, _ = replay_bytes(engine, data)
+    without, _ = replay_bytes(engine, data, flow_ids=False)
+    assert all(d.uid and d.community_id for d in with_ids)
+    assert all(not d.uid and not d.community_id for d in without)
+    assert [d.to_json() for d in with_ids] == [d.to_json() for d in without]  # JSON lines carry neither
+
+
+# ---------------------------------------------------------------------------
+# DNS: the common shapes read without dnslib, and the same answer as dnslib's
+
+
+def _dnslib_fields(data: bytes) -> tuple[object, ...] | None:
+    """What the replay takes from dnslib (proxy/replay.py, ``_dns_message``); None: malformed."""
+    try:
+        msg = dnslib.DNSRecord.parse(data)
+        q = msg.questions[0]
+        response = bool(msg.header.qr)
+        answers = msg.rr if response else []
+        return (int(msg.header.id), response, int(msg.header.rcode) if response else None, _qname_text(q.qname),
+                int(q.qtype), [_qname_text(rr.rdata.label) for rr in answers if rr.rtype == dnslib.QTYPE.CNAME])
+    except Exception:
+        return None
+
+
+def _dns_samples() -> list[bytes]:
+    out = []
+    for name in ["a.example", "WWW.Example.com", BLOCKED_HOST, "x.y.z.example.org", "中文.example", "a\\.b.example"]:
+        q = dnslib.DNSRecord.question(name, "AAAA" if len(name) % 2 else "A")
+        q.header.id = len(out)
+        out.append(q.pack())
+        q.add_ar(dnslib.EDNS0(udp_len=1232))
+        out.append(q.pack())
+        r = q.reply()
+        r.add_answer(dnslib.RR(name, dnslib.QTYPE.CNAME, rdata=dnslib.CNAME("edge." + WILDCARD_HOST)))
+        r.add_answer(dnslib.RR("edge." + WILDCARD_HOST, rdata=dnslib.A("203.0.113.9")))
+        r.add_answer(dnslib.RR("edge." + WILDCARD_HOST, dnslib.QTYPE.AAAA, rdata=dnslib.AAAA("2001:db8::9")))
+        out.append(r.pack())
+        nx = dnslib.DNSRecord.question(name).reply()
+        nx.header.rcode = dnslib.RCODE.NXDOMAIN
+        nx.add_auth(dnslib.RR(name, dnslib.QTYPE.SOA, rdata=dnslib.SOA("ns.example", "h.example", (1, 2, 3, 4, 5))))
+        out.append(nx.pack())
+        mx = dnslib.DNSRecord.question(name, "MX").reply()
+        mx.add_answer(dnslib.RR(name, dnslib.QTYPE.MX, rdata=dnslib.MX("mail.example")))
+        out.append(mx.pack())
+    return out
+
+
+def test_common_dns_reader_agrees_with_dnslib() -> None:
+    samples = _dns_samples()
+    fast = [read_common_dns(d) for d in samples]
+    assert sum(f is not None for f in fast) >= 12  # the common shapes do take the fast path
+    for data, got in zip(samples, fast):
+        if got is not None:
+            assert list(got) == list(_dnslib_fields(data) or ()), data.hex()
+    # Mutated messages (bounded: 30,000 of them): whatever the fast reader accepts,
+    # dnslib reads too, to the same fields; the rest goes to dnslib anyway.
+    rnd = random.Random(6)
+    accepted = 0
+    for _ in range(30_000):
+        d = bytearray(rnd.choice(samples))
+        for _ in range(rnd.randint(1, 3)):
+            op = rnd.random()
+            if not d:
+                break
+            if op < 0.5:
+                d[rnd.randrange(len(d))] = rnd.choice([0, 1, 5, 12, 28, 41, 63, 64, 0xC0, 0xFF, rnd.randrange(256)])
+            elif op < 0.7:
+                del d[rnd.randrange(len(d)) :]
+            elif op < 0.85:
+                i = rnd.randrange(len(d) + 1)
+                d[i:i] = rnd.randbytes(rnd.randint(1, 6))
+            else:
+                i = rnd.randrange(len(d))
+                del d[i : i + rnd.randint(1, 4)]
+        got = read_common_dns(bytes(d))
+        if got is not None:
+            accepted += 1
+            assert list(got) == list(_dnslib_fields(bytes(d)) or ()), bytes(d).hex()
+    assert accepted > 1000
