@@ -77,6 +77,15 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_AD_RANDOM = -0x1000 + 56
 
 
+def freeze_long_lived() -> None:
+    """Take what a worker has built so far out of the cyclic GC's sight.
+
+    The compiled rule set (100k+ objects) lives as long as the process; if the GC
+    tracked it, every full collection would walk it (latency spikes on the data path)."""
+    gc.collect()
+    gc.freeze()
+
+
 def attach_random_reuseport(sock: socket.socket, n: int) -> bool:
     """Spread a SO_REUSEPORT group's packets at random over its ``n`` sockets.
 
@@ -471,10 +480,7 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
         sink.send(b"E", f"{type(e).__name__}: {e}")
         transport.close()
         return
-    # The compiled rule set (100k+ objects) lives as long as the process: take it out
-    # of the cyclic GC's sight so full collections do not walk it (latency spikes).
-    gc.collect()
-    gc.freeze()
+    freeze_long_lived()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Reloads come from the main process over the channel (it validates first);

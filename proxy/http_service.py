@@ -277,7 +277,7 @@ async def _http_worker(spec: HttpWorkerSpec, index: int, chan: object) -> None:
     import os
     import signal
 
-    from linewarden.workers import ChannelSink, _SinkProtocol, serve_reloads
+    from linewarden.workers import ChannelSink, _SinkProtocol, freeze_long_lived, serve_reloads
     from proxy.dns_shim import EngineRef
     from proxy.identity import Identity
     from rules.engine import Engine
@@ -296,6 +296,7 @@ async def _http_worker(spec: HttpWorkerSpec, index: int, chan: object) -> None:
         sink.send(b"E", f"{type(e).__name__}: {e}")
         transport.close()
         return
+    freeze_long_lived()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Reloads come from the main process over the channel (linewarden/workers.py).
