@@ -69,7 +69,8 @@ def http_service(app: App) -> Service | None:
     """The HTTP(S) proxy (issue 4): fast path, plus mitmproxy when ``http.intercept`` is set."""
     if not app.config.http.enabled:
         return None
-    from proxy.http_service import HttpProxyService, HttpServiceConfig, HttpWorkers, HttpWorkerSpec
+    from linewarden.workers import HttpWorkers, HttpWorkerSpec
+    from proxy.http_service import HttpProxyService, HttpServiceConfig
 
     cfg = HttpServiceConfig.from_config(app.config.http)
     if app.config.http.workers == 0:

@@ -1,8 +1,9 @@
-"""DNS worker processes and the record channel that feeds the one writer.
+"""Worker processes (the DNS shim's and the HTTP proxy's) and the record channel
+that feeds the one writer.
 
-Owns: starting N DNS shim processes that share the listen port
-(SO_REUSEPORT), the socketpair each uses to send its records to the main
-process in batches (``ChannelSink`` → ``ChannelReader`` → ``RecordWriter.submit``),
+Owns: starting N processes of a service that share its listen port
+(SO_REUSEPORT, ``WorkerPool``), starting another in place of one that dies,
+the socketpair each uses to send its records to the main process in batches (``ChannelSink`` → ``ChannelReader`` → ``RecordWriter.submit``),
 and their orderly stop. Must not: decide anything about traffic or write SQL.
 
 Why processes: the store writer (encoding, chain hashing, SQLite) costs tens of
@@ -49,6 +50,7 @@ from typing import Any
 import msgspec
 
 from linewarden.config import DnsConfig
+from proxy.http_service import HttpServiceConfig
 from proxy.identity import Binding, Identity
 from storage.records import AnyRecord, Record
 
@@ -344,14 +346,33 @@ class WorkerSpec:
     count: int
 
 
-class DnsWorkers:
-    """The DNS service as ``dns.workers`` processes (``start``/``stop``, like every service)."""
+@dataclass(frozen=True)
+class HttpWorkerSpec:
+    """Everything an HTTP worker needs (picklable: sent to a spawned interpreter)."""
 
-    name = "dns"
+    config: HttpServiceConfig
+    rules_dir: str
+    backend: str
+    bindings: tuple[Binding, ...]
+    fail_open: bool
+    count: int
 
-    def __init__(self, spec: WorkerSpec, writer: Any) -> None:
-        self.spec = replace(spec, dns=replace(spec.dns, sinkhole=dict(spec.dns.sinkhole)))
+
+class WorkerPool:
+    """One service as ``spec.count`` worker processes feeding the one writer.
+
+    Starts them (the later ones joining the port the first one bound when the
+    configured port is 0), starts another in place of one that dies (crash, OOM
+    kill) so the port keeps answering, and stops them in order: SIGTERM, wait for
+    each channel to drain, SIGKILL past ``STOP_TIMEOUT_S``."""
+
+    name = "worker"
+
+    def __init__(self, spec: Any, writer: Any, entry: Callable[[Any, int, socket.socket], None]) -> None:
+        self.spec = spec
         self.writer = writer
+        self.entry = entry
+        """The process's entry point (module level: a spawned interpreter imports it)."""
         self.workers: list[WorkerHandle] = []
         self.restarts = 0
         """Workers started again after they died."""
@@ -359,35 +380,33 @@ class DnsWorkers:
         self._restarts: set[asyncio.Task[None]] = set()
 
     @property
-    def udp_address(self) -> tuple[Any, ...] | None:
-        return self.workers[0].udp_address if self.workers else None
+    def address(self) -> tuple[Any, ...] | None:
+        return None
 
-    @property
-    def tcp_address(self) -> tuple[Any, ...] | None:
-        return self.workers[0].tcp_address if self.workers else None
+    def joined(self, spec: Any) -> Any:
+        """``spec`` for the second and later workers once the first has bound its port."""
+        return spec
 
     async def start(self) -> None:
         spec = self.spec
         try:
             for i in range(spec.count):
-                if i == 1 and spec.dns.listen.endswith(":0"):
-                    # Port 0: the later workers join the port the first one got.
-                    host = spec.dns.listen.rsplit(":", 1)[0]
-                    port = self.workers[0].udp_address[1]  # type: ignore[index]
-                    spec = replace(spec, dns=replace(spec.dns, listen=f"{host}:{port}"))
+                if i == 1:
+                    spec = self.joined(spec)
                 self.workers.append(await self._spawn(spec, i))
         except BaseException:
             await self.stop()
             raise
-        self.spec = spec  # with the bound port: a restarted worker joins the same one
-        log.info("dns: %d worker process(es) on %s", len(self.workers), self.udp_address)
+        # With the bound port (also when there is one worker): a restarted worker takes the same one.
+        self.spec = self.joined(spec) if len(self.workers) == 1 else spec
+        log.info("%s: %d worker process(es) on %s", self.name, len(self.workers), self.address)
 
-    async def _spawn(self, spec: WorkerSpec, index: int) -> WorkerHandle:
+    async def _spawn(self, spec: Any, index: int) -> WorkerHandle:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         h = WorkerHandle(index)
         proc = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=(spec, index, child), name=f"linewarden-dns-{index}")
+            target=self.entry, args=(spec, index, child), name=f"linewarden-{self.name}-{index}")
         proc.start()
         child.close()
         h.process = proc
@@ -402,11 +421,10 @@ class DnsWorkers:
         return h
 
     def _lost(self, h: WorkerHandle) -> None:
-        """A worker's channel closed. During ``stop`` that is the plan; otherwise it
-        died (crash, OOM kill): start another in its place so the port keeps answering."""
+        """A worker's channel closed. During ``stop`` that is the plan; otherwise it died."""
         if self._stopping or h not in self.workers:
             return
-        log.error("dns worker %d (pid %s) exited; restarting it", h.index,
+        log.error("%s worker %d (pid %s) exited; restarting it", self.name, h.index,
                   h.process.pid if h.process else "?")
         task = asyncio.get_running_loop().create_task(self._restart(h))
         self._restarts.add(task)
@@ -422,7 +440,7 @@ class DnsWorkers:
             try:
                 new = await self._spawn(self.spec, h.index)
             except Exception as e:
-                log.error("restarting dns worker %d failed: %s", h.index, e)
+                log.error("restarting %s worker %d failed: %s", self.name, h.index, e)
                 delay = min(delay * 2, RESTART_DELAY_MAX_S)
                 continue
             if self._stopping:
@@ -438,18 +456,80 @@ class DnsWorkers:
             task.cancel()
         for h in self.workers:
             if h.process is not None and h.process.is_alive() and h.process.pid:
-                os.kill(h.process.pid, signal.SIGTERM)
+                os.kill(h.process.pid, signal.SIGTERM)  # our own child, by its pid
         for h in self.workers:
             if h.reader is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(h.reader.closed), STOP_TIMEOUT_S)
                 except (asyncio.TimeoutError, TimeoutError):
-                    log.error("dns worker %d did not stop in time; killing it", h.index)
+                    log.error("%s worker %d did not stop in time; killing it", self.name, h.index)
                     if h.process.is_alive() and h.process.pid:
                         os.kill(h.process.pid, signal.SIGKILL)
             if h.process is not None:
                 await asyncio.get_running_loop().run_in_executor(None, h.process.join, 5)
         self.workers.clear()
+
+
+class DnsWorkers(WorkerPool):
+    """The DNS service as ``dns.workers`` processes (``start``/``stop``, like every service)."""
+
+    name = "dns"
+
+    def __init__(self, spec: WorkerSpec, writer: Any) -> None:
+        super().__init__(replace(spec, dns=replace(spec.dns, sinkhole=dict(spec.dns.sinkhole))),
+                         writer, worker_main)
+
+    @property
+    def address(self) -> tuple[Any, ...] | None:
+        return self.udp_address
+
+    @property
+    def udp_address(self) -> tuple[Any, ...] | None:
+        return self.workers[0].udp_address if self.workers else None
+
+    @property
+    def tcp_address(self) -> tuple[Any, ...] | None:
+        return self.workers[0].tcp_address if self.workers else None
+
+    def joined(self, spec: WorkerSpec) -> WorkerSpec:
+        if not spec.dns.listen.endswith(":0"):
+            return spec
+        host = spec.dns.listen.rsplit(":", 1)[0]
+        port = self.workers[0].udp_address[1]  # type: ignore[index]
+        return replace(spec, dns=replace(spec.dns, listen=f"{host}:{port}"))
+
+
+class HttpWorkers(WorkerPool):
+    """The HTTP(S) proxy as ``http.workers`` processes, each running its own fast path
+    (and its own mitmproxy when interception is on) on the shared port."""
+
+    name = "http"
+
+    def __init__(self, spec: HttpWorkerSpec, writer: Any) -> None:
+        super().__init__(spec, writer, http_worker_main)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        addr = self.workers[0].tcp_address if self.workers else None
+        return (addr[0], addr[1]) if addr else None
+
+    def joined(self, spec: HttpWorkerSpec) -> HttpWorkerSpec:
+        fp = spec.config.fastpath
+        if fp.listen[1] != 0:
+            return spec
+        return replace(spec, config=replace(spec.config, fastpath=replace(fp, listen=self.address)))
+
+
+async def _until_stopped(stop: asyncio.Event, proto: _SinkProtocol, who: str) -> None:
+    """Until SIGTERM (``stop``) or the main process is gone (the channel closed): a
+    worker must not outlive the process that writes its records."""
+    stopping = asyncio.ensure_future(stop.wait())
+    orphaned = asyncio.ensure_future(proto.lost.wait())
+    await asyncio.wait([stopping, orphaned], return_when=asyncio.FIRST_COMPLETED)
+    if proto.lost.is_set():
+        log.error("main process gone: %s stops", who)
+    stopping.cancel()
+    orphaned.cancel()
 
 
 def worker_main(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
@@ -489,17 +569,57 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
     serve_reloads(proto, sink, engine_ref, spec.backend)
     sink.send(b"H", {"pid": os.getpid(), "udp": list(shim.udp_address or ()),
                      "tcp": list(shim.tcp_address or ())})
-    stopping = asyncio.ensure_future(stop.wait())
-    orphaned = asyncio.ensure_future(proto.lost.wait())
-    await asyncio.wait([stopping, orphaned], return_when=asyncio.FIRST_COMPLETED)
-    if proto.lost.is_set():
-        log.error("main process gone: dns worker %d stops", index)
-    stopping.cancel()
-    orphaned.cancel()
+    await _until_stopped(stop, proto, f"dns worker {index}")
     await shim.stop()
     sink.flush()
     sink.send(b"S", dict(shim.stats) | {"dropped": sink.dropped, "refused": sink.refused,
                                         "sent": sink.sent})
+    await proto.drained.wait()
+    transport.close()
+    await asyncio.sleep(0)
+
+
+def http_worker_main(spec: HttpWorkerSpec, index: int, chan: socket.socket) -> None:
+    """Entry point of an HTTP worker process."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s http-{index} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    uvloop.run(_http_worker(spec, index, chan))
+
+
+async def _http_worker(spec: HttpWorkerSpec, index: int, chan: socket.socket) -> None:
+    from proxy.dns_shim import EngineRef
+    from proxy.http_service import HttpProxyService
+    from rules.engine import Engine
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.connect_accepted_socket(_SinkProtocol, chan)  # type: ignore[arg-type]
+    sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
+    try:
+        engine = EngineRef(Engine.from_dir(spec.rules_dir, backend=spec.backend))
+        cfg = spec.config
+        if spec.count > 1:
+            cfg = replace(cfg, fastpath=replace(cfg.fastpath, reuse_port=True))
+        svc = HttpProxyService(engine, sink.submit, cfg, identity=Identity(spec.bindings))  # type: ignore[arg-type]
+        await svc.start()
+    except Exception as e:
+        sink.send(b"E", f"{type(e).__name__}: {e}")
+        transport.close()
+        return
+    freeze_long_lived()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Reloads come from the main process over the channel (linewarden/workers.py).
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    serve_reloads(proto, sink, engine, spec.backend)
+    sink.send(b"H", {"pid": os.getpid(), "udp": [], "tcp": list(svc.address or ())})
+    await _until_stopped(stop, proto, f"http worker {index}")
+    await svc.stop()
+    sink.flush()
+    fp = svc.fastpath
+    sink.send(b"S", {"connections": fp.stats.connections if fp else 0, "dropped": sink.dropped,
+                     "refused": sink.refused, "sent": sink.sent})
     await proto.drained.wait()
     transport.close()
     await asyncio.sleep(0)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from proxy.fastpath import FastPathConfig
-from proxy.http_service import HttpProxyService, HttpServiceConfig, HttpWorkers, HttpWorkerSpec
+from linewarden.workers import HttpWorkers, HttpWorkerSpec
+from proxy.http_service import HttpProxyService, HttpServiceConfig
 from proxy.identity import Binding
 from proxy.tls_ca import init_ca
 from rules.engine import Engine
@@ -137,3 +138,32 @@ async def test_worker_processes_share_the_port_and_feed_one_writer(tmp_path: Pat
     assert len(https) == 20 and all(h.account == "lab" for h in https)
     assert sorted(h.action for h in https) == ["allow"] * 10 + ["block"] * 10
     assert len(list(query(tmp_path / "store", kind="conn"))) == 20
+
+
+async def test_a_dead_http_worker_is_replaced(tmp_path: Path, origin: Origin) -> None:
+    import os
+    import signal
+
+    writer = RecordWriter(tmp_path / "store", StoreConfig(commit_interval_ms=20))
+    await writer.start()
+    cfg = HttpServiceConfig(FastPathConfig(listen=("127.0.0.1", 0)))
+    svc = HttpWorkers(HttpWorkerSpec(cfg, str(_rules(tmp_path)), "auto", (), True, 1), writer)
+    await svc.start()
+    try:
+        old, port = svc.workers[0].process, svc.address
+        os.kill(old.pid, signal.SIGKILL)  # a process this test started, by its pid
+        for _ in range(300):
+            if svc.restarts == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert svc.restarts == 1 and svc.workers[0].process.pid != old.pid
+        assert svc.address == port  # the replacement listens where the first one did
+        r, w = await asyncio.open_connection("127.0.0.1", svc.address[1])
+        w.write(f"GET http://127.0.0.1:{origin.port}/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            out = await r.read(-1)
+        w.close()
+        assert out == ROUTES["/plain"]
+    finally:
+        await svc.stop()
+        await writer.close()
