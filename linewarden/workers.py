@@ -44,8 +44,8 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass, field, replace
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -532,17 +532,32 @@ async def _until_stopped(stop: asyncio.Event, proto: _SinkProtocol, who: str) ->
     orphaned.cancel()
 
 
-def worker_main(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
-    """Entry point of a worker process."""
+class Served(NamedTuple):
+    """A service running in a worker: how to stop it and what to tell the main process."""
+
+    stop: Callable[[], Awaitable[None]]
+    hello: dict[str, Any]
+    """Bound addresses for the ``H`` frame: ``udp`` and ``tcp``."""
+    stats: Callable[[], dict[str, Any]]
+    """The service's counters for the ``S`` frame at exit."""
+
+
+StartService = Callable[[Any, int, Any, ChannelSink], Awaitable[Served]]
+"""(spec, index, EngineRef, sink) -> the started service."""
+
+
+def _process_main(kind: str, start: StartService, spec: Any, index: int, chan: socket.socket) -> None:
     import uvloop
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s dns-{index} %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {kind}-{index} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
-    uvloop.run(_worker(spec, index, chan))
+    uvloop.run(_serve(kind, start, spec, index, chan))
 
 
-async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
-    from proxy.dns_shim import DnsShim, EngineRef
+async def _serve(kind: str, start: StartService, spec: Any, index: int, chan: socket.socket) -> None:
+    """A worker's life: compile the rules, start the service, report, serve reloads
+    until SIGTERM (or the main process is gone), then stop and flush every record."""
+    from proxy.dns_shim import EngineRef
     from rules.engine import Engine
 
     loop = asyncio.get_running_loop()
@@ -550,12 +565,7 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
     sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
     try:
         engine_ref = EngineRef(Engine.from_dir(spec.rules_dir, backend=spec.backend))
-        shim = DnsShim(spec.dns, engine_ref, sink, Identity(spec.bindings),
-                       upstreams=list(spec.upstreams), reuse_port=spec.count > 1,
-                       uid_prefix=f"D{os.getpid():x}.")
-        await shim.start()
-        if spec.count > 1 and index == spec.count - 1 and shim.udp_sock is not None:
-            attach_random_reuseport(shim.udp_sock, spec.count)
+        served = await start(spec, index, engine_ref, sink)
     except Exception as e:
         sink.send(b"E", f"{type(e).__name__}: {e}")
         transport.close()
@@ -567,59 +577,49 @@ async def _worker(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
     # a SIGHUP to the process group must not stop a worker.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     serve_reloads(proto, sink, engine_ref, spec.backend)
-    sink.send(b"H", {"pid": os.getpid(), "udp": list(shim.udp_address or ()),
-                     "tcp": list(shim.tcp_address or ())})
-    await _until_stopped(stop, proto, f"dns worker {index}")
-    await shim.stop()
+    sink.send(b"H", {"pid": os.getpid()} | served.hello)
+    await _until_stopped(stop, proto, f"{kind} worker {index}")
+    await served.stop()
     sink.flush()
-    sink.send(b"S", dict(shim.stats) | {"dropped": sink.dropped, "refused": sink.refused,
-                                        "sent": sink.sent})
+    sink.send(b"S", served.stats() | {"dropped": sink.dropped, "refused": sink.refused, "sent": sink.sent})
     await proto.drained.wait()
     transport.close()
     await asyncio.sleep(0)
+
+
+async def _start_dns(spec: WorkerSpec, index: int, engine_ref: Any, sink: ChannelSink) -> Served:
+    from proxy.dns_shim import DnsShim
+
+    shim = DnsShim(spec.dns, engine_ref, sink, Identity(spec.bindings),
+                   upstreams=list(spec.upstreams), reuse_port=spec.count > 1,
+                   uid_prefix=f"D{os.getpid():x}.")
+    await shim.start()
+    if spec.count > 1 and index == spec.count - 1 and shim.udp_sock is not None:
+        attach_random_reuseport(shim.udp_sock, spec.count)
+    return Served(shim.stop, {"udp": list(shim.udp_address or ()), "tcp": list(shim.tcp_address or ())},
+                  lambda: dict(shim.stats))
+
+
+async def _start_http(spec: HttpWorkerSpec, index: int, engine_ref: Any, sink: ChannelSink) -> Served:
+    from proxy.http_service import HttpProxyService
+
+    cfg = spec.config
+    if spec.count > 1:
+        cfg = replace(cfg, fastpath=replace(cfg.fastpath, reuse_port=True))
+    svc = HttpProxyService(engine_ref, sink.submit, cfg, identity=Identity(spec.bindings))  # type: ignore[arg-type]
+    await svc.start()
+
+    def stats() -> dict[str, Any]:
+        return {"connections": svc.fastpath.stats.connections if svc.fastpath else 0}
+
+    return Served(svc.stop, {"udp": [], "tcp": list(svc.address or ())}, stats)
+
+
+def worker_main(spec: WorkerSpec, index: int, chan: socket.socket) -> None:
+    """Entry point of a DNS worker process."""
+    _process_main("dns", _start_dns, spec, index, chan)
 
 
 def http_worker_main(spec: HttpWorkerSpec, index: int, chan: socket.socket) -> None:
     """Entry point of an HTTP worker process."""
-    import uvloop
-
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s http-{index} %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
-    uvloop.run(_http_worker(spec, index, chan))
-
-
-async def _http_worker(spec: HttpWorkerSpec, index: int, chan: socket.socket) -> None:
-    from proxy.dns_shim import EngineRef
-    from proxy.http_service import HttpProxyService
-    from rules.engine import Engine
-
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.connect_accepted_socket(_SinkProtocol, chan)  # type: ignore[arg-type]
-    sink = ChannelSink(transport, spec.fail_open)  # type: ignore[arg-type]
-    try:
-        engine = EngineRef(Engine.from_dir(spec.rules_dir, backend=spec.backend))
-        cfg = spec.config
-        if spec.count > 1:
-            cfg = replace(cfg, fastpath=replace(cfg.fastpath, reuse_port=True))
-        svc = HttpProxyService(engine, sink.submit, cfg, identity=Identity(spec.bindings))  # type: ignore[arg-type]
-        await svc.start()
-    except Exception as e:
-        sink.send(b"E", f"{type(e).__name__}: {e}")
-        transport.close()
-        return
-    freeze_long_lived()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # Reloads come from the main process over the channel (linewarden/workers.py).
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    serve_reloads(proto, sink, engine, spec.backend)
-    sink.send(b"H", {"pid": os.getpid(), "udp": [], "tcp": list(svc.address or ())})
-    await _until_stopped(stop, proto, f"http worker {index}")
-    await svc.stop()
-    sink.flush()
-    fp = svc.fastpath
-    sink.send(b"S", {"connections": fp.stats.connections if fp else 0, "dropped": sink.dropped,
-                     "refused": sink.refused, "sent": sink.sent})
-    await proto.drained.wait()
-    transport.close()
-    await asyncio.sleep(0)
+    _process_main("http", _start_http, spec, index, chan)
