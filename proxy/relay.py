@@ -386,10 +386,8 @@ class _Flow:
                 return
             self.side.bytes_in += n
             self.in_pipe += n
-            try:
-                sent_all = self._send()
-            except OSError:
-                self.relay.fail(self.dst_side)
+            sent_all = self._sent()
+            if sent_all is None:
                 return
             if not sent_all:
                 self._read(False)
@@ -410,10 +408,8 @@ class _Flow:
 
     def flush(self) -> None:
         """``dst`` may take more: empty the pipe; then read again, or pass the EOF on."""
-        try:
-            sent_all = self._send()
-        except OSError:
-            self.relay.fail(self.dst_side)
+        sent_all = self._sent()
+        if sent_all is None:
             return
         if not sent_all:
             self._write(True)
@@ -428,6 +424,14 @@ class _Flow:
             pass  # the peer is gone already: its own direction reports it
         self.done = True
         self.relay.flow_done()
+
+    def _sent(self) -> bool | None:
+        """``_send``, with a failure of ``dst`` ending the relay (then None)."""
+        try:
+            return self._send()
+        except OSError:
+            self.relay.fail(self.dst_side)
+            return None
 
     def _send(self) -> bool:
         """Write ``pending`` then the pipe to ``dst``; False when ``dst`` is full."""
