@@ -324,6 +324,19 @@ def _cid_col(cid: Any, proto: Any, cip: Any, cport: Any, sip: Any, sport: Any) -
     return cid
 
 
+def _ip_src(var: str, out: str, field: str) -> str:
+    """Source of the encoder's address packing (cached: a line has few distinct addresses)."""
+    return f"""    if {var} is not None:
+        if type({var}) is not str:
+            raise BadRecord("{field} must be a str")
+        {out} = IPC.get({var})
+        if {out} is None:
+            {out} = ip_to_db({var})
+    else:
+        {out} = None
+"""
+
+
 def _compile_encoder(lay: Layout, interner: Interner) -> Callable[[Record, int], tuple[tuple[Any, ...], bytes]]:
     """Generate the per-kind encoding function: straight-line code, no per-field dispatch
     (this is the writer's hot loop: every call saved per record is GIL time given back to
@@ -375,31 +388,7 @@ def encode(rec, row_id):
             or (nport is not None and type(nport) is not int) or (rsv is not None and type(rsv) is not int)
             or type(uid) is not str):
         raise BadRecord("ports and ruleset_version must be int or None, uid a str")
-    if cip is not None:
-        if type(cip) is not str:
-            raise BadRecord("client_ip must be a str")
-        cdb = IPC.get(cip)
-        if cdb is None:
-            cdb = ip_to_db(cip)
-    else:
-        cdb = None
-    if sip is not None:
-        if type(sip) is not str:
-            raise BadRecord("server_ip must be a str")
-        sdb = IPC.get(sip)
-        if sdb is None:
-            sdb = ip_to_db(sip)
-    else:
-        sdb = None
-    if nip is not None:
-        if type(nip) is not str:
-            raise BadRecord("nat_ip must be a str")
-        ndb = IPC.get(nip)
-        if ndb is None:
-            ndb = ip_to_db(nip)
-    else:
-        ndb = None
-    rules = {t('rule_ids')}
+{_ip_src("cip", "cdb", "client_ip")}{_ip_src("sip", "sdb", "server_ip")}{_ip_src("nip", "ndb", "nat_ip")}    rules = {t('rule_ids')}
     x = [{', '.join(xs)}]
     while x and x[-1] == SD[len(x) - 1] and type(x[-1]) is type(SD[len(x) - 1]):
         x.pop()
