@@ -1015,6 +1015,12 @@ class Replay:
             yield from self.packet(pkt)
         yield from self.finish()
 
+    def _touch(self, flow: _Flow, active: OrderedDict[Any, None]) -> None:
+        """A known flow had a packet: it is the most recently active (idle sweeps, order)."""
+        flow.seen = self._now
+        flow.order = self._number
+        active.move_to_end(flow)
+
     def _tcp_packet(self, pkt: Packet, out: list[Output]) -> None:
         conn = self._tcp.get((pkt.src, pkt.sport, pkt.dst, pkt.dport))
         flags = pkt.flags
@@ -1022,9 +1028,7 @@ class Replay:
             # A bare ACK (a third of the packets of a typical capture) only keeps its
             # connection alive: the same bookkeeping as below, without the detour.
             conn.last_ts = pkt.ts
-            conn.seen = self._now
-            conn.order = self._number
-            self._tcp_active.move_to_end(conn)
+            self._touch(conn, self._tcp_active)
             return
         if conn is not None and flags & TH_SYN and not flags & TH_ACK and (conn.closed or conn.fin_or_rst):
             # The 4-tuple is reused by a new connection (RFC 9293 §3.10.7.4, TIME-WAIT reuse).
@@ -1043,9 +1047,7 @@ class Replay:
             self._add(self._tcp, pkt, conn, out)
             self.stats.tcp_flows += 1
         else:
-            conn.seen = self._now
-            conn.order = self._number
-            self._tcp_active.move_to_end(conn)
+            self._touch(conn, self._tcp_active)
         conn.packet(pkt, pkt.sport == conn.cport and pkt.src == conn.client_addr, out)
         if conn.closed:
             del self._tcp_active[conn]
@@ -1073,9 +1075,7 @@ class Replay:
             self._add(self._udp, pkt, flow, out)
             self.stats.udp_flows += 1
         else:
-            flow.seen = self._now
-            flow.order = self._number
-            self._udp_active.move_to_end(flow)
+            self._touch(flow, self._udp_active)
         from_client = pkt.sport == flow.cport and pkt.src == flow.client_addr
         flow.last_ts = pkt.ts
         if from_client:
