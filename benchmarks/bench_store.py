@@ -6,7 +6,7 @@ record, and the two investigator queries on a generated multi-day store.
 
 Prints, in one run:
   * sustained records/s of RecordWriter fed by the data-path producer pattern (many asyncio
-    tasks calling submit() between awaits) and of a bare ``executemany`` loop into one
+    tasks calling submit() between awaits, on uvloop as in ``linewarden run``) and of a bare ``executemany`` loop into one
     SQLite file (same records, same durability, same two indexes), and their ratio. Both
     are the median of ``--runs`` runs taken alternately (bare, writer, bare, writer...) on
     fresh files: on a shared machine one run of either can be off by a third, and
@@ -38,6 +38,8 @@ import sys
 import time
 import zoneinfo
 from pathlib import Path
+
+import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -265,7 +267,7 @@ def throughput(recs: list[Record], runs: int) -> tuple[list[float], list[float],
             p.unlink(missing_ok=True)
         bare_rates.append(bare_run(recs, bare))
         bare_bytes = os.path.getsize(bare) + (os.path.getsize(f"{bare}-wal") if os.path.exists(f"{bare}-wal") else 0)
-        rate, lat, dropped = asyncio.run(writer_run(recs, wdir))
+        rate, lat, dropped = uvloop.run(writer_run(recs, wdir))  # the loop `linewarden run` uses
         writer.append((rate, lat, dropped, store_bytes(wdir)))
     writer.sort(key=lambda w: w[0])
     w_rates = [w[0] for w in writer]

@@ -73,7 +73,6 @@ DDL = [
     "CREATE TABLE IF NOT EXISTS batches(n INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, "
     "last_id INTEGER NOT NULL, min_ts INTEGER NOT NULL, max_ts INTEGER NOT NULL, hash BLOB NOT NULL)",
 ]
-INSERT_REC = f"INSERT INTO rec({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 UPDATE_RKEY = "UPDATE strs SET rkey = ? WHERE id = ?"
 INSERT_BATCH = "INSERT INTO batches(n, first_id, last_id, min_ts, max_ts, hash) VALUES (?, ?, ?, ?, ?, ?)"
 
@@ -82,29 +81,35 @@ ROWS_PER_INSERT = 512
 
 
 @functools.lru_cache(maxsize=64)
-def _multi_sql(table: str, columns: tuple[str, ...], n: int) -> str:
+def multi_insert_sql(table: str, columns: tuple[str, ...], n: int) -> str:
+    """``INSERT INTO table(columns) VALUES (?, ...), ...`` with ``n`` rows."""
     one = "(" + ", ".join("?" * len(columns)) + ")"
     return f"INSERT INTO {table}({', '.join(columns)}) VALUES " + ", ".join([one] * n)
 
 
-INSERT_MANY = _multi_sql("rec", COLUMNS, ROWS_PER_INSERT)
+def chunk_plan(n: int) -> list[tuple[int, int, int]]:
+    """How ``n`` rows go in: (rows per statement, first row, end row) runs, statements of
+    ``ROWS_PER_INSERT`` rows and then one each of 256, 128, ... 1 rows for the rest.
+
+    Why: the SQL thread releases the GIL once per statement. With one row a statement that
+    is once per row, and under load each re-acquisition can wait a whole switch interval
+    (5 ms) while the event loop holds the GIL; this way it is at most a dozen times per
+    batch, and the few distinct statement sizes stay in the statement cache."""
+    full = n - n % ROWS_PER_INSERT
+    out = [(ROWS_PER_INSERT, 0, full)] if full else []
+    k, size = full, ROWS_PER_INSERT // 2
+    while k < n:
+        while size > n - k:
+            size //= 2
+        out.append((size, k, k + size))
+        k += size
+    return out
 
 
 def insert_statements(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
-    """(sql, flat params) inserting ``rows`` with multi-row INSERTs of 512, 256, ..., 1 rows.
-
-    Why: the SQL thread releases the GIL once per statement. With ``executemany`` that is
-    once per row, and under load each re-acquisition can wait a whole switch interval
-    (5 ms) while the encoder holds the GIL; with multi-row statements it is a handful of
-    times per batch, and the few distinct statement sizes stay in the statement cache."""
-    out: list[tuple[str, list[Any]]] = []
-    k, size = 0, ROWS_PER_INSERT
-    while k < len(rows):
-        while size > len(rows) - k:
-            size //= 2
-        out.append((_multi_sql(table, columns, size), list(itertools.chain.from_iterable(rows[k:k + size]))))
-        k += size
-    return out
+    """(sql, flat params) inserting ``rows`` in the statements of ``chunk_plan``."""
+    return [(multi_insert_sql(table, columns, size), list(itertools.chain.from_iterable(rows[k:k + size])))
+            for size, lo, hi in chunk_plan(len(rows)) for k in range(lo, hi, size)]
 
 
 _enc = msgspec.msgpack.Encoder()

@@ -10,10 +10,11 @@ Strategy:
   ``commit_interval_ms`` (or until ``batch_max`` records are queued), then commits one
   transaction per day file. Records that arrive during a commit go into the next one
   straight away, so under load commits run back to back with whatever accumulated.
-* Rows are encoded by generators that aiosqlite's ``executemany`` consumes on the
-  connection's own thread, 512 rows per INSERT: encoding and SQLite share one thread
-  (no GIL hand-off between them, each of which can cost a 5 ms switch interval under
-  load) and the event loop runs whenever SQLite releases the GIL. Signing, file checks
+* Rows are encoded on their own thread, 512 rows per INSERT (``storage.schema.chunk_plan``),
+  while aiosqlite's thread has SQLite insert the previous chunk: SQLite releases the GIL
+  while it steps, so encoding (Python) and inserting (C) overlap, and the event loop runs
+  in between. The threads hand the GIL to each other a few times per chunk, so while a
+  writer runs the interpreter's switch interval is ``GIL_SWITCH_S``. Signing, file checks
   and syslog forwarding run on helper threads.
 * Durability: WAL with ``synchronous=FULL``; a record counts as committed (``committed``,
   ``flush()``) only after COMMIT returned. A crash rolls back at most the batch in flight.
@@ -31,7 +32,10 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import queue
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,17 +62,17 @@ from storage.partitions import (
 from storage.records import Alarm, Maintenance, Record
 from storage.retention import deletable, disk_status, expired_days, remove_day
 from storage.schema import (
+    COLUMNS,
     INSERT_BATCH,
-    INSERT_MANY,
-    INSERT_REC,
-    ROWS_PER_INSERT,
     UPDATE_RKEY,
     Interner,
     Layout,
-    insert_statements,
     RowEncoder,
+    chunk_plan,
     current_layouts,
+    insert_statements,
     make_layout,
+    multi_insert_sql,
 )
 
 log = logging.getLogger("linewarden.storage")
@@ -76,6 +80,13 @@ US = 1_000_000
 DISK_ALARM_EVERY_S = 3600
 """A disk_low alarm at most once an hour: loud enough, not a flood."""
 RETRY_MAX_S = 30.0
+GIL_SWITCH_S = 0.0005
+"""The interpreter's switch interval while a writer runs (Python's default is 5 ms). The
+encoder, the SQL thread and the event loop pass the GIL among them several times per
+chunk, and a thread that wants it back waits up to one interval: at 5 ms the hand-offs,
+not the work, set the writer's pace (measured: benchmarks/bench_store.py)."""
+ENCODED_AHEAD = 2
+"""Encoded chunks that may wait for SQLite: the encoder runs this far ahead, no further."""
 SYSLOG_BACKLOG_MAX = 50
 """Committed batches waiting for the syslog thread before further batches are not forwarded."""
 
@@ -137,6 +148,7 @@ class RecordWriter:
         self._days: dict[str, DayState] = {}
         self._router = DayRouter(self.config.tz)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lw-store")
+        self._encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lw-encode")
         self._lock = StoreLock(self.store_dir)
         self._digest: DigestLog | None = None
         self._key: keys.KeyPair | None = None
@@ -151,6 +163,7 @@ class RecordWriter:
         self._signal_task: asyncio.Task[None] | None = None
         self._syslog_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._syslog_backlog = 0
+        self._switch_was = sys.getswitchinterval()
 
     # --- producer side (event loop thread; never awaits) -------------------------------
 
@@ -207,6 +220,8 @@ class RecordWriter:
         signatures left by a crash, apply retention, and start the writer task."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._switch_was = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_was, GIL_SWITCH_S))
         if self._q:
             self._first_at = self._loop.time()
         await self._in_pool(self._open_store)
@@ -426,10 +441,8 @@ class RecordWriter:
     async def _write(self, st: DayState, recs: list[Record]) -> None:
         """One transaction: the rows, the new interned strings, the batch and its hash.
 
-        Rows are encoded by a generator that ``executemany`` consumes on the connection's
-        own thread, so encoding and SQLite run on one thread without handing the GIL back
-        and forth (each hand-off can cost a 5 ms switch interval under load); the event
-        loop runs whenever SQLite releases the GIL."""
+        The encoder thread encodes chunk after chunk (at most ``ENCODED_AHEAD`` waiting);
+        ``executemany`` on the connection's thread takes them as they come."""
         c = st.conn
         enc, first, n = st.encoder, st.next_id, st.next_batch
         logical: list[bytes] = []
@@ -449,35 +462,64 @@ class RecordWriter:
                 span[1] = ts
             return row
 
-        full = len(recs) - len(recs) % ROWS_PER_INSERT
+        plan = chunk_plan(len(recs))
+        ready: queue.Queue[list[Any] | BaseException] = queue.Queue(ENCODED_AHEAD)
+        stop = threading.Event()
 
-        def chunks() -> Iterator[list[Any]]:
-            # ROWS_PER_INSERT rows per statement: SQLite releases the GIL once per chunk.
-            for k in range(0, full, ROWS_PER_INSERT):
-                flat: list[Any] = []
-                for i in range(k, k + ROWS_PER_INSERT):
-                    flat.extend(encoded(i))
+        def put(item: list[Any] | BaseException) -> bool:
+            """Hand ``item`` to the SQL thread; False once the transaction is abandoned."""
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def encode_all() -> tuple[bytes, int] | None:
+            # The encoder thread: chunk after chunk, while SQLite steps the previous one;
+            # then the batch's hash, while SQLite takes the last chunk.
+            try:
+                for size, lo, hi in plan:
+                    for k in range(lo, hi, size):
+                        flat: list[Any] = []
+                        for i in range(k, k + size):
+                            flat.extend(encoded(i))
+                        if not put(flat):
+                            return None
+            except BaseException as exc:
+                put(exc)
+                raise
+            return batch_hash(st.head, n, first, logical)
+
+        def chunks(count: int) -> Iterator[list[Any]]:
+            for _ in range(count):
+                flat = ready.get()
+                if isinstance(flat, BaseException):
+                    raise flat
                 yield flat
 
-        def tail() -> Iterator[tuple[Any, ...]]:
-            for i in range(full, len(recs)):
-                yield encoded(i)
-
+        assert self._loop is not None
+        encoding = self._loop.run_in_executor(self._encoder, encode_all)
         try:
             await c.execute("BEGIN IMMEDIATE")
-            if full:
-                await c.executemany(INSERT_MANY, chunks())
-            if full < len(recs):
-                await c.executemany(INSERT_REC, tail())
+            for size, lo, hi in plan:
+                await c.executemany(multi_insert_sql("rec", COLUMNS, size), chunks((hi - lo) // size))
+            hashed = await encoding
+            assert hashed is not None  # None only once the transaction is abandoned
+            head, count = hashed
             new_strs, new_rkeys = st.interner.take()
             for sql, params in insert_statements("strs", ("id", "v", "rkey"), new_strs):
                 await c.execute(sql, params)
             if new_rkeys:
                 await c.executemany(UPDATE_RKEY, new_rkeys)
-            head, count = batch_hash(st.head, n, first, logical)
             await c.execute(INSERT_BATCH, (n, first, first + count - 1, span[0], span[1], head))
             await c.execute("COMMIT")
         except BaseException:
+            stop.set()  # the encoder must be done with the interner before it is rebuilt
+            await asyncio.wait([encoding])
+            if not encoding.cancelled():
+                encoding.exception()  # retrieved: the error that matters is the one raised below
             # The interner already holds this batch's strings: rebuild it from the file.
             try:
                 await c.execute("ROLLBACK")
@@ -638,7 +680,9 @@ class RecordWriter:
             await asyncio.get_running_loop().run_in_executor(None, self._syslog_pool.shutdown, True)
             self._syslog.close()  # type: ignore[union-attr]
         self._pool.shutdown(wait=True)
+        self._encoder.shutdown(wait=True)
         self._lock.release()
+        sys.setswitchinterval(self._switch_was)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         assert self._loop is not None

@@ -19,6 +19,8 @@ from storage.schema import (
     Interner,
     RowDecoder,
     RowEncoder,
+    ROWS_PER_INSERT,
+    chunk_plan,
     current_layouts,
     domain_key,
     insert_statements,
@@ -54,6 +56,17 @@ def roundtrip(records):
     out = conn.execute("SELECT * FROM rec ORDER BY id").fetchall()
     assert [dec.logical(r) for r in out] == logical
     return [dec.record(r) for r in out], conn
+
+
+@given(st.integers(0, 5 * ROWS_PER_INSERT))
+def test_chunk_plan_covers_every_row_once_in_few_statements(n):
+    plan = chunk_plan(n)
+    covered = [i for size, lo, hi in plan for i in range(lo, hi)]
+    assert covered == list(range(n))
+    for size, lo, hi in plan:
+        assert size & (size - 1) == 0 and size <= ROWS_PER_INSERT and (hi - lo) % size == 0
+    statements = sum((hi - lo) // size for size, lo, hi in plan)
+    assert statements <= n // ROWS_PER_INSERT + ROWS_PER_INSERT.bit_length()
 
 
 def test_every_kind_round_trips_exactly():

@@ -273,7 +273,7 @@ async def test_a_failed_commit_is_rolled_back_and_retried_without_loss(tmp_path)
 
 
 async def test_a_batch_of_many_chunks_is_one_transaction_with_every_record_back(tmp_path):
-    """Rows go in as multi-row INSERTs of ROWS_PER_INSERT plus a tail: a batch of several
+    """Rows go in as multi-row INSERTs (storage.schema.chunk_plan): a batch of several
     such chunks, with a bad record in the middle (a domain that is not a str, which once
     made the whole batch retry forever), comes back whole, in id order, as one batch of
     the chain, with the bad record as an alarm."""
@@ -328,3 +328,19 @@ async def test_a_chunk_failing_mid_batch_rolls_the_whole_batch_back_and_retries(
     await w.close()
     assert {r.uid for r in query(s, kind="conn") if r.uid} == {f"m{i}" for i in range(n)}
     assert verify_store(s, now=NOW).ok
+
+
+async def test_the_switch_interval_is_short_while_a_writer_runs_and_restored_after(tmp_path):
+    """The encoder, SQL and loop threads hand the GIL around several times per chunk
+    (storage.writer.GIL_SWITCH_S); the process's own setting comes back at close."""
+    import sys
+
+    from storage.writer import GIL_SWITCH_S
+
+    before = sys.getswitchinterval()
+    w = RecordWriter(tmp_path / "s", StoreConfig(commit_interval_ms=10), clock=clock)
+    await w.start()
+    assert sys.getswitchinterval() == pytest.approx(min(before, GIL_SWITCH_S))
+    w.submit(Conn(ts=day_start(DAYS[0]), account="a"))
+    await w.close()
+    assert sys.getswitchinterval() == pytest.approx(before)
