@@ -11,8 +11,11 @@ Measures, on loopback only, with bounded durations:
 * TLS passthrough through an explicit CONNECT: new connections per second (each
   with an SNI decision, a TLS handshake and a 1 KB GET) and bulk MB/s (a 64 MiB
   download per connection), linewarden vs squid with ``ssl_bump peek`` + ``splice``,
-  in alternating rounds (medians), with each proxy's CPU per connection and per GB
-  and the client's CPU, and the records linewarden wrote checked against the transfers.
+  in alternating rounds (medians), with each proxy's CPU per connection and per GB,
+  the client's CPU and the machine's (proxy + curl + nginx) CPU per GB, and the
+  records linewarden wrote checked against the transfers. linewarden relays with
+  its default ``http.relay = "auto"``: every end is on this machine, so it copies
+  (``--relay splice`` runs the relay a gateway between two other hosts uses).
   squid runs as many SMP workers as linewarden has proxy workers (``--squid-workers``).
 * each proxy's resident memory with 1,000 idle keep-alive client connections.
 
@@ -274,7 +277,7 @@ http {{
     return Proc("origin", port, p, tls_port)
 
 
-def start_linewarden(work: Path, keywords: list[str], workers: int) -> Proc:
+def start_linewarden(work: Path, keywords: list[str], workers: int, relay: str | None = None) -> Proc:
     rules = work / "lw-rules"
     write_rules(rules, keywords)
     port = free_port()
@@ -288,6 +291,7 @@ dir = "{work / 'lw-store'}"
 listen = "127.0.0.1:{port}"
 mode = "explicit"
 workers = {workers}
+{f'relay = "{relay}"' if relay else ''}
 [dns]
 enabled = false
 """)
@@ -421,6 +425,10 @@ class TlsRun:
     client_cpu_s: float
     """CPU seconds of the curl client: near ``seconds`` means the client (one core)
     was the bottleneck, not the proxy."""
+    origin_cpu_s: float = 0.0
+    """CPU seconds of the origin (nginx) meanwhile. With the client and the proxy it
+    makes the machine's CPU per GB: on two shared cores the bulk rate follows that sum,
+    and how a proxy relays changes what its two ends pay (proxy/relay.py, ``RelayMode``)."""
 
     @property
     def per_s(self) -> float:
@@ -432,7 +440,7 @@ class TlsRun:
 
 
 def tls_load(proxy: Proc | None, origin_port: int, path: str, size: int, transfers: int, parallel: int,
-             work: Path) -> TlsRun:
+             work: Path, origin: Proc | None = None) -> TlsRun:
     """``transfers`` HTTPS GETs of ``path`` (``size`` bytes), each on a new connection
     (``Connection: close``, no session resumption: a full handshake and an SNI decision each),
     ``parallel`` at a time, by curl (C: the client is not the bottleneck) through the
@@ -450,18 +458,20 @@ def tls_load(proxy: Proc | None, origin_port: int, path: str, size: int, transfe
     if proxy is not None:
         cmd[1:1] = ["-x", f"http://127.0.0.1:{proxy.tls_port}"]
     cpu = proxy.cpu_s() if proxy is not None else 0.0
+    origin_cpu = origin.cpu_s() if origin is not None else 0.0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
     elapsed = time.monotonic() - t
     cpu = proxy.cpu_s() - cpu if proxy is not None else 0.0
+    origin_cpu = origin.cpu_s() - origin_cpu if origin is not None else 0.0
     kids_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = kids_after.ru_utime + kids_after.ru_stime - kids.ru_utime - kids.ru_stime
     sizes = [int(x) for x in out.split() if x.isdigit()]
     ok = sum(1 for x in sizes if x == size)
     if ok < transfers:
         log(f"  warning: {transfers - ok} of {transfers} TLS transfers failed or came back short")
-    return TlsRun(ok, elapsed, sum(sizes), cpu, client)
+    return TlsRun(ok, elapsed, sum(sizes), cpu, client, origin_cpu)
 
 
 def idle_memory(proc: Proc, origin_port: int, n: int = 1000) -> tuple[float, float]:
@@ -503,6 +513,9 @@ def main() -> int:
     ap.add_argument("--tls-rounds", type=int, default=3,
                     help="alternating TLS rounds; medians count (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="linewarden http.workers (default 2: both cores)")
+    ap.add_argument("--relay", choices=("auto", "splice", "copy"), default=None,
+                    help="linewarden http.relay (default: the product's, auto; here every end is on "
+                         "this machine, so auto copies; a gateway between two other hosts splices)")
     ap.add_argument("--squid-workers", type=int, default=None,
                     help="squid SMP workers (default: as many as linewarden's, so both get the same "
                          "parallelism, and the same share of a busy machine's CPU)")
@@ -529,7 +542,7 @@ def main() -> int:
             page = (work / "www" / f"{name}.html").read_bytes()
             v = engine.http_response(200, [(b"Content-Type", b"text/html; charset=utf-8")], page)
             assert v.action == "allow", (name, v.rule_ids)
-        lw = start_linewarden(work, keywords, args.workers)
+        lw = start_linewarden(work, keywords, args.workers, args.relay)
         procs.append(lw)
         peers: dict[str, Proc] = {}
         if "e2guardian" not in skip and (e2g := start_e2guardian(work, keywords)):
@@ -582,12 +595,13 @@ def main() -> int:
                 for name, proc in order:
                     conns = tls_load(proc, origin.tls_port, "/1k.html", small, args.tls_conns, TLS_PARALLEL, work)
                     bulk = tls_load(proc, origin.tls_port, "/bulk.bin", BULK_BYTES, BULK_TRANSFERS,
-                                    BULK_PARALLEL, work)
+                                    BULK_PARALLEL, work, origin)
                     tls.setdefault(name, []).append((conns, bulk))
                     log(f"{name:>11} TLS round {r + 1}: {conns.per_s:8.0f} conn/s "
                         f"({_cpu_ms(conns):5.2f} ms CPU/conn, curl busy {conns.client_cpu_s / conns.seconds:.2f}) "
                         f"{bulk.mb_s:9.1f} MB/s ({_cpu_per_gb(bulk):5.2f} s CPU/GB, "
-                        f"curl busy {bulk.client_cpu_s / bulk.seconds:.2f})")
+                        f"curl busy {bulk.client_cpu_s / bulk.seconds:.2f}, "
+                        f"machine {_machine_cpu_per_gb(bulk):5.2f} s CPU/GB)")
 
         mem: dict[str, tuple[float, float]] = {}
         if "memory" not in skip:
@@ -663,9 +677,15 @@ def _cpu_per_gb(run: TlsRun) -> float:
     return run.cpu_s / (run.bytes / 1e9) if run.bytes else 0.0
 
 
+def _machine_cpu_per_gb(run: TlsRun) -> float:
+    """Proxy + curl + nginx CPU per GB: what the bulk rate follows on shared cores."""
+    return (run.cpu_s + run.client_cpu_s + run.origin_cpu_s) / (run.bytes / 1e9) if run.bytes else 0.0
+
+
 def print_tls(args, tls) -> None:  # type: ignore[no-untyped-def]
     rounds = len(next(iter(tls.values())))
-    print(f"\nTLS passthrough (explicit CONNECT, SNI decision, splice; curl clients; median of {rounds} "
+    relay = args.relay or "auto"
+    print(f"\nTLS passthrough (explicit CONNECT, SNI decision, http.relay = {relay}; curl clients; median of {rounds} "
           f"alternating rounds; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}):")
     print(f"  new connections: {args.tls_conns} per round, {TLS_PARALLEL} in parallel, each a full handshake "
           f"+ 1 KB GET; bulk: {BULK_TRANSFERS} x {BULK_BYTES >> 20} MiB, {BULK_PARALLEL} in parallel")
@@ -676,7 +696,9 @@ def print_tls(args, tls) -> None:  # type: ignore[no-untyped-def]
                                            f"{_median([_cpu_per_gb(b) for _, b in runs]):.2f} s/GB")
         busy = (f"curl busy {_median([c.client_cpu_s / c.seconds for c, _ in runs]):.2f}"
                 f"/{_median([b.client_cpu_s / b.seconds for _, b in runs]):.2f} cores")
-        print(f"  {name:>11}: {cps:8.0f} new conn/s, {mbs:8.1f} MB/s bulk ({busy}{cpu})")
+        machine = _median([_machine_cpu_per_gb(b) for _, b in runs])
+        print(f"  {name:>11}: {cps:8.0f} new conn/s, {mbs:8.1f} MB/s bulk ({busy}{cpu}; "
+              f"machine {machine:.2f} s CPU/GB)")
     if "squid" in tls and "linewarden" in tls:
         pairs = list(zip(tls["linewarden"], tls["squid"]))
         conn_r = [lc.per_s / sc.per_s for (lc, _), (sc, _) in pairs]
@@ -689,8 +711,10 @@ def print_tls(args, tls) -> None:  # type: ignore[no-untyped-def]
         # runs several processes), so the rates' ratio is only telling on a quiet machine.
         conn_c = [_cpu_ms(lc) / _cpu_ms(sc) for (lc, _), (sc, _) in pairs if _cpu_ms(sc)]
         bulk_c = [_cpu_per_gb(lb) / _cpu_per_gb(sb) for (_, lb), (_, sb) in pairs if _cpu_per_gb(sb)]
+        machine_c = [_machine_cpu_per_gb(lb) / _machine_cpu_per_gb(sb) for (_, lb), (_, sb) in pairs
+                     if _machine_cpu_per_gb(sb)]
         print(f"  proxy CPU per unit linewarden/squid (lower is better): per connection {_median(conn_c):.2f}, "
-              f"per GB {_median(bulk_c):.2f}")
+              f"per GB {_median(bulk_c):.2f}; machine (proxy + curl + nginx) per GB {_median(machine_c):.2f}")
 
 
 if __name__ == "__main__":

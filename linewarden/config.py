@@ -191,6 +191,12 @@ class HttpConfig:
     connect_timeout_s: float = _doc(10.0, "Seconds to connect to a server.", minimum=0.1)
     fail: str = _doc("open", "On an internal error during a decision: \"open\" (pass, record "
                      "the error) or \"closed\" (block).", choices=("open", "closed"))
+    relay: str = _doc("auto", "How passed-through connections (TLS not intercepted, CONNECT "
+                      "tunnels, WebSocket) are relayed: \"splice\" (splice(2): the bytes stay in "
+                      "the kernel, the least CPU for the proxy), \"copy\" (through a buffer), or "
+                      "\"auto\": splice between two other hosts, copy when one end is on this host "
+                      "(the interception proxy), where splicing costs that end more than it saves "
+                      "(proxy/relay.py).", choices=("auto", "splice", "copy"))
     workers: int = _doc(1, "Proxy processes sharing the listen port (SO_REUSEPORT), each sending "
                         "its records to the main process's writer; 0 = in the main process. "
                         "One process uses one core.", minimum=0, maximum=16)

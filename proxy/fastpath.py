@@ -37,7 +37,7 @@ from typing import Literal
 
 from proxy.http_records import ConnInfo, DnsNames, conn_record, new_uid, tls_record
 from proxy.original_dst import original_dst
-from proxy.relay import Side, splice, spliced
+from proxy.relay import RelayMode, Side, splice, spliced
 from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, NeedMoreData, looks_like_tls, parse_client_hello
 from rules.errors import InputError
 from rules.verdict import ACTIONS, Verdict
@@ -88,6 +88,8 @@ class FastPathConfig:
     fail: Literal["open", "closed"] = "open"
     """When an internal error hits a decision: ``open`` lets the flow pass and
     records the error, ``closed`` blocks it."""
+    relay: RelayMode = "auto"
+    """How a passed-through connection is relayed (``proxy.relay.RelayMode``)."""
     reuse_port: bool = False
     """Bind with SO_REUSEPORT so that several worker processes share the port
     (the kernel spreads connections over them by 4-tuple hash)."""
@@ -337,7 +339,7 @@ class FastPath:
             if upstream is None:
                 record()
                 return
-            splice(client, upstream)
+            splice(client, upstream, self.config.relay)
             try:
                 await spliced(client, upstream)
             finally:
@@ -353,7 +355,7 @@ class FastPath:
         record()  # after connecting: the record carries the server and NAT addresses
         if upstream is None:
             return
-        splice(client, upstream)
+        splice(client, upstream, self.config.relay)
         await spliced(client, upstream)
         state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
 
@@ -414,7 +416,7 @@ class FastPath:
         upstream = await self.connect(state, host, port)
         if upstream is None:
             return
-        splice(client, upstream)
+        splice(client, upstream, self.config.relay)
         await spliced(client, upstream)
         state.close_reason = state.close_reason or "fin"
 

@@ -614,7 +614,7 @@ class HttpExchange:
             self.client.write(rest)
         self._record(tx)
         upstream = self.upstream
-        splice(self.client, upstream)
+        splice(self.client, upstream, self.fp.config.relay)
         await spliced(self.client, upstream)
         self.state.close_reason = "fin"
         return False

@@ -55,6 +55,7 @@ class HttpServiceConfig:
             idle_timeout=g("idle_timeout_s", 300.0),
             connect_timeout=g("connect_timeout_s", 10.0),
             fail=g("fail", "open"),
+            relay=g("relay", "auto"),
         )
         return cls(fp, g("ca_dir", "./var/ca"), g("upstream_verify", True))
 

@@ -1,27 +1,29 @@
-"""Socket plumbing for the fast path: one asyncio Protocol per socket, read or spliced.
+"""Socket plumbing for the fast path: one asyncio Protocol per socket, read or relayed.
 
 Owns: ``Side``, a Protocol that hands received bytes to a coroutine (``await
 side.read()``: sniffing a ClientHello, parsing HTTP/1), and the relay that
 joins two sides once the decision is made (``splice(a, b)``, then ``await
 spliced(a, b)``).
 
-The relay is the kernel's: each direction moves socket → pipe → socket with
-``splice(2)``, driven by the loop's readiness callbacks on non-blocking
-sockets, so the payload is never copied into Python (no ``bytes`` object, no
-``data_received`` frame per chunk): a bulk transfer costs the proxy about half
-the CPU of a copying relay (benchmarks/bench_proxy.py). Bytes are counted from
-what ``splice`` returns. The transports stay paused while the kernel relays:
-it works on duplicates of their file descriptors (the loop refuses readers on
-a transport's own descriptor), and closing the transports at the end closes
-the connections. Bytes a transport still holds unsent go out first; bytes read
-while sniffing (the ClientHello) are written ahead of the relay. Half-close is
-passed on (RFC 9293 3.6: after one side's FIN the other direction may still be
-sending); a reset or error on either side ends both.
+The relay works on the sockets themselves, driven by the loop's readiness
+callbacks on non-blocking sockets, with no ``bytes`` object or
+``data_received`` frame per chunk. Each direction either splices (socket →
+pipe → socket with ``splice(2)``: the payload never enters user space) or
+copies (``recv_into`` one reused buffer, then ``write``); ``RelayMode`` says
+which, and why the answer depends on where the receiver is. Bytes are counted
+from what ``splice``/``recv_into`` return. The transports stay paused while
+the relay runs: it works on duplicates of their file descriptors (the loop
+refuses readers on a transport's own descriptor), and closing the transports
+at the end closes the connections. Bytes a transport still holds unsent go
+out first; bytes read while sniffing (the ClientHello) are written ahead of
+the relay. Half-close is passed on (RFC 9293 3.6: after one side's FIN the
+other direction may still be sending); a reset or error on either side ends
+both.
 
-Where the kernel relay cannot take over (no ``os.splice`` off Linux, a side
-already closed, no descriptors left for the pipes), the transports relay:
-``data_received`` writes straight to the other socket, and flow control is the
-transports' own (``pause_writing`` on one side pauses reading on the other).
+Where the socket relay cannot take over (a side already closed, no
+descriptors left for the duplicates), the transports relay: ``data_received``
+writes straight to the other socket, and flow control is the transports' own
+(``pause_writing`` on one side pauses reading on the other).
 
 Must not: parse or decide anything; it counts bytes (``bytes_in``) and nothing else.
 """
@@ -32,18 +34,28 @@ import asyncio
 import fcntl
 import os
 import socket
+import threading
+from typing import Literal
 
 READ_HIGH_WATER = 256 * 1024
 """Bytes buffered for a reading coroutine before the socket stops being read.
 Bounds per-connection memory while a scan or an upstream connect is pending."""
 
 PIPE_BYTES = 256 * 1024
-"""Capacity a relay pipe grows to (``F_SETPIPE_SZ``) once one ``splice`` fills
-it: a bulk transfer then needs a quarter of the readiness callbacks and syscalls
-of the default 64 KiB, while a short connection (a handshake and a page) never
-pays the extra syscall. Pipe pages are only taken while bytes are in flight.
-Capped by ``/proc/sys/fs/pipe-max-size`` (1 MiB by default); a smaller grant
-still works."""
+"""Capacity of a relay pipe (``F_SETPIPE_SZ``): a bulk transfer needs a quarter
+of the readiness callbacks and syscalls of the default 64 KiB. Pipe pages are
+only taken while bytes are in flight. Capped by ``/proc/sys/fs/pipe-max-size``
+(1 MiB by default); a smaller grant still works."""
+
+SPLICE_AFTER = 256 * 1024
+"""Bytes a spliced direction copies before it opens its pipe. A pipe costs two
+descriptors and about 50 µs of CPU to open and close (TLS passthrough, two
+pipes a connection opened at once: 0.77-0.92 against 0.68-0.79 ms a connection
+copied, benchmarks/bench_proxy.py), and splicing saves about 0.12 ns a byte
+over copying (benchmarks/bench_relay.py): break-even near 400 KB. Copying until
+about then and only then buying the pipe (the ski-rental rule) costs at most
+twice the better choice made in hindsight, and a short connection (a handshake
+and a page) never opens one."""
 
 PIPE_DEFAULT_BYTES = 64 * 1024
 """A new pipe's capacity on Linux (16 pages)."""
@@ -68,8 +80,8 @@ class Side(asyncio.Protocol):
         """The peer reset the connection (or it failed) instead of closing it."""
         self.peer: Side | None = None
         """Set by the transport relay: received bytes go straight to the peer's socket."""
-        self.relay: KernelRelay | None = None
-        """Set by the kernel relay while it carries this socket's bytes."""
+        self.relay: SocketRelay | None = None
+        """Set by the socket relay while it carries this socket's bytes."""
 
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -202,19 +214,20 @@ class Side(asyncio.Protocol):
 # -- the relay ---------------------------------------------------------------------
 
 
-def splice(a: Side, b: Side) -> None:
+def splice(a: Side, b: Side, mode: RelayMode = "auto") -> None:
     """Join two sides: from now on each one's bytes go to the other (``spliced`` runs it).
 
     Bytes already buffered for a reader are forwarded first, and an EOF already
-    seen is passed on, so nothing read during sniffing is lost. The kernel relay
-    takes over when it can; else the transports forward (module docstring).
+    seen is passed on, so nothing read during sniffing is lost. The socket relay
+    (spliced or copied as ``mode`` says) takes over when it can; else the
+    transports forward (module docstring).
     """
-    if _HAVE_SPLICE and not a.lost and not b.lost:
+    if not a.lost and not b.lost:
         try:
-            a.relay = b.relay = KernelRelay(a, b)
+            a.relay = b.relay = SocketRelay(a, b, mode)
             return
         except OSError:
-            pass  # out of descriptors for the pipes: the transports can still relay
+            pass  # out of descriptors for the duplicates: the transports can still relay
     _transport_splice(a, b)
 
 
@@ -243,7 +256,7 @@ async def spliced(a: Side, b: Side) -> None:
 
 async def _flushed(side: Side) -> None:
     """Wait until the transport has sent what it holds (a CONNECT's 200, a 101 head):
-    the kernel relay writes behind its back and must not overtake it."""
+    the socket relay writes behind its back and must not overtake it."""
     t = side.transport
     if t is None or side.lost or not t.get_write_buffer_size():
         return
@@ -274,23 +287,98 @@ def _transport_splice(a: Side, b: Side) -> None:
             other.transport.pause_reading()
 
 
-# -- the kernel relay -----------------------------------------------------------------
+# -- the socket relay ------------------------------------------------------------------
+
+RelayMode = Literal["auto", "splice", "copy"]
+"""How the socket relay moves a connection's bytes (``http.relay`` in the config).
+
+``splice``: socket → pipe → socket with ``splice(2)`` (after the first
+``SPLICE_AFTER`` bytes of a direction, which are copied); the payload never
+enters user space. ``copy``: ``recv_into`` one reused buffer, then ``write``.
+``auto`` (the default): splice between two other hosts (a gateway's client and
+server), copy when one end is a process on this host (``_on_this_host``: the
+interception proxy's loopback listener; a client and an origin on the proxy's
+machine, as in benchmarks/bench_proxy.py).
+
+Why it depends on where the ends are: splicing saves the relay both copies
+(0.13-0.21 against 0.23-0.35 CPU s/GB, benchmarks/bench_relay.py), but the
+spliced pages are the sending socket's, and they stay referenced until the
+final receiver has read them. A local sender then cannot reuse its warm pages
+(it allocates and writes fresh ones), and a local receiver reads cold ones:
+measured with perf on the TLS bulk run (benchmarks/bench_proxy.py), nginx paid
+about 0.08 and curl 0.15 CPU s/GB more than behind the copying relay, more
+than the relay saved: the machine spent 2.12-2.22 against 1.87-2.08 s/GB, and
+the copying relay moved 7-16 % more (medians of alternating rounds). Ends
+that do not touch the bytes hide this: in benchmarks/bench_relay.py (a sender
+repeating one buffer, a receiver discarding) the sums come out about even. On
+other hosts those costs are not this machine's, so there splice is the
+cheaper relay."""
+
+RELAY_MODES: tuple[RelayMode, ...] = ("auto", "splice", "copy")
 
 _HAVE_SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
+COPY_BYTES = 256 * 1024
+"""Size of the copying relay's buffer, the most one ``recv_into`` takes: as much
+as a pipe holds (``PIPE_BYTES``). Measured on the TLS bulk run: 16 KiB cost
+0.59 CPU s/GB against 0.46 for 64 KiB and 256 KiB (a read then takes what
+arrived, about 83 KB on average). One buffer per thread (``_copy_buffer``),
+shared by all its flows, since a flow only uses it inside one callback; what
+``dst`` did not take is kept per flow (``pending``, at most this much: the
+same bound as a pipe's)."""
 
-class KernelRelay:
-    """Both directions of a spliced connection, on duplicates of the sides' sockets.
+COPY_ROUNDS = SPLICE_ROUNDS
+"""Buffer-fulls copied per readiness callback, for the reason of ``SPLICE_ROUNDS``."""
 
-    Each direction is read only while its pipe is empty and written only while
-    the pipe holds bytes, so at most ``PIPE_BYTES`` are in flight per direction:
-    when ``dst`` is full, ``src`` stops being read until ``dst`` drains (the
-    same back-pressure the transports give).
+_thread = threading.local()
+
+
+def _copy_buffer() -> memoryview:
+    """This thread's copy buffer: flows of one event loop share it, loops in
+    other threads (tests, embedding) must not, since ``recv_into`` drops the GIL."""
+    buf: memoryview | None = getattr(_thread, "copy_buffer", None)
+    if buf is None:
+        buf = _thread.copy_buffer = memoryview(bytearray(COPY_BYTES))
+    return buf
+
+
+def _on_this_host(sock: socket.socket) -> bool:
+    """The peer of ``sock`` is this host: a loopback address, or one of our own (a
+    connection to a local address leaves from that same address, RFC 6724 rule 1).
+    Two syscalls and string tests: this runs for every relayed connection."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return sock.family == socket.AF_UNIX
+    try:
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    except OSError:
+        return False
+    return local == peer or _loopback(peer)
+
+
+def _loopback(addr: str) -> bool:
+    """127.0.0.0/8 (RFC 1122 3.2.1.3) or ::1 (RFC 4291 2.5.3), also IPv4-mapped."""
+    return addr == "::1" or addr.removeprefix("::ffff:").startswith("127.")
+
+
+def _use_splice(mode: RelayMode, end_on_this_host: bool) -> bool:
+    """Whether a connection is spliced (``RelayMode``); else it is copied."""
+    if not _HAVE_SPLICE or mode == "copy":
+        return False
+    return mode == "splice" or not end_on_this_host
+
+
+class SocketRelay:
+    """Both directions of a relayed connection, on duplicates of the sides' sockets.
+
+    Each direction reads ``src`` only while it holds nothing for ``dst``, and
+    writes only while it does, so at most a pipe or a buffer is in flight per
+    direction: when ``dst`` is full, ``src`` stops being read until ``dst``
+    drains (the same back-pressure the transports give).
     """
 
-    def __init__(self, a: Side, b: Side) -> None:
+    def __init__(self, a: Side, b: Side, mode: RelayMode = "auto") -> None:
         self.loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = self.loop.create_future()
         """Done when both directions ended (or one failed)."""
@@ -299,8 +387,9 @@ class KernelRelay:
         self.flows: list[_Flow] = []
         try:
             sa, sb = self._socket(a), self._socket(b)
-            self.flows.append(_Flow(self, a, b, sa, sb, bytes(a.buf)))
-            self.flows.append(_Flow(self, b, a, sb, sa, bytes(b.buf)))
+            use_splice = _use_splice(mode, _on_this_host(sa) or _on_this_host(sb))
+            self.flows.append(self._flow(use_splice, a, b, sa, sb))
+            self.flows.append(self._flow(use_splice, b, a, sb, sa))
         except OSError:
             self.stop()
             raise
@@ -317,6 +406,11 @@ class KernelRelay:
         dup = socket.socket(orig.family, socket.SOCK_STREAM, 0, os.dup(orig.fileno()))
         self.dups.append(dup)
         return dup
+
+    def _flow(self, use_splice: bool, side: Side, dst_side: Side, sock_in: socket.socket,
+              sock_out: socket.socket) -> _Flow:
+        flow = _SpliceFlow if use_splice else _CopyFlow
+        return flow(self, side, dst_side, sock_in, sock_out, memoryview(bytes(side.buf)))
 
     def start(self) -> None:
         for f in self.flows:
@@ -336,7 +430,7 @@ class KernelRelay:
             self.finished.set_result(None)
 
     def stop(self) -> None:
-        """Unregister and close the pipes and the duplicate descriptors (idempotent)."""
+        """Unregister the flows, close the pipes and the duplicate descriptors (idempotent)."""
         for f in self.flows:
             f.close()
         self.flows = []
@@ -346,68 +440,58 @@ class KernelRelay:
 
 
 class _Flow:
-    """One direction of a kernel relay: ``src`` socket → pipe → ``dst`` socket."""
+    """One direction of a socket relay, ``src`` → ``dst``; subclasses move the bytes.
 
-    __slots__ = ("relay", "side", "dst_side", "sock_out", "src", "dst", "rfd", "wfd", "capacity", "may_grow", "pending",
-                 "in_pipe", "eof", "done", "reading", "writing")
+    ``readable`` runs while ``src`` is registered for reading (nothing held for
+    ``dst``), ``flush`` while ``dst`` is registered for writing (something held).
+    """
 
-    def __init__(self, relay: KernelRelay, side: Side, dst_side: Side, sock_in: socket.socket,
-                 sock_out: socket.socket, pending: bytes) -> None:
+    __slots__ = ("relay", "side", "dst_side", "sock_out", "src", "dst", "pending", "eof", "done", "reading",
+                 "writing")
+
+    def __init__(self, relay: SocketRelay, side: Side, dst_side: Side, sock_in: socket.socket,
+                 sock_out: socket.socket, pending: memoryview) -> None:
         self.relay = relay
         self.side = side
         """The sending side: counts what ``src`` received (``bytes_in``), marked on EOF."""
         self.dst_side = dst_side
         self.sock_out = sock_out
         self.src, self.dst = sock_in.fileno(), sock_out.fileno()
-        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.capacity = PIPE_DEFAULT_BYTES
-        self.may_grow = True
         self.pending = pending
-        """Bytes read before the relay took over (the ClientHello): sent first."""
-        self.in_pipe = 0
+        """Bytes for ``dst`` outside the kernel: read before the relay took over (the
+        ClientHello), or the part of a copy ``dst`` did not take. Sent first."""
         self.eof = False
         self.done = False
         self.reading = self.writing = False
 
     def readable(self) -> None:
-        """``src`` has bytes (or EOF): move up to ``SPLICE_ROUNDS`` pipe-fulls to ``dst``."""
-        for _ in range(SPLICE_ROUNDS):
-            try:
-                n = os.splice(self.src, self.wfd, self.capacity, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.relay.fail(self.side)
-                return
-            if n == 0:
-                self.eof = self.side.eof = True
-                self._read(False)
-                self.flush()
-                return
-            self.side.bytes_in += n
-            self.in_pipe += n
-            sent_all = self._sent()
-            if sent_all is None:
-                return
-            if not sent_all:
-                self._read(False)
-                self._write(True)
-                return
-            if n < self.capacity:
-                return  # the socket is (nearly) empty: wait for the next readiness
-            if self.may_grow:
-                self._grow()
+        raise NotImplementedError
 
-    def _grow(self) -> None:
-        """A bulk transfer: ask once for a bigger pipe (fewer, larger splices)."""
-        self.may_grow = False
+    def _send(self) -> bool:
+        """Write what this direction holds to ``dst``; False when ``dst`` is full."""
+        while self.pending:
+            try:
+                self.pending = self.pending[os.write(self.dst, self.pending):]
+            except BlockingIOError:
+                return False
+        return True
+
+    def _sent(self) -> bool | None:
+        """``_send``, with a failure of ``dst`` ending the relay (then None)."""
         try:
-            self.capacity = fcntl.fcntl(self.wfd, _F_SETPIPE_SZ, PIPE_BYTES)
+            return self._send()
         except OSError:
-            pass  # refused (pipe-max-size, or the user's pipe quota): 64 KiB splices
+            self.relay.fail(self.dst_side)
+            return None
+
+    def _ended(self) -> None:
+        """``src`` sent its FIN: stop reading; ``flush`` passes it on once ``dst`` has all."""
+        self.eof = self.side.eof = True
+        self._read(False)
+        self.flush()
 
     def flush(self) -> None:
-        """``dst`` may take more: empty the pipe; then read again, or pass the EOF on."""
+        """``dst`` may take more: send what is held; then read again, or pass the EOF on."""
         sent_all = self._sent()
         if sent_all is None:
             return
@@ -425,27 +509,10 @@ class _Flow:
         self.done = True
         self.relay.flow_done()
 
-    def _sent(self) -> bool | None:
-        """``_send``, with a failure of ``dst`` ending the relay (then None)."""
-        try:
-            return self._send()
-        except OSError:
-            self.relay.fail(self.dst_side)
-            return None
-
-    def _send(self) -> bool:
-        """Write ``pending`` then the pipe to ``dst``; False when ``dst`` is full."""
-        while self.pending:
-            try:
-                self.pending = self.pending[os.write(self.dst, self.pending):]
-            except BlockingIOError:
-                return False
-        while self.in_pipe:
-            try:
-                self.in_pipe -= os.splice(self.rfd, self.dst, self.in_pipe, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                return False
-        return True
+    def _held(self) -> None:
+        """``dst`` is full: wait for it before reading ``src`` again (back-pressure)."""
+        self._read(False)
+        self._write(True)
 
     def _read(self, on: bool) -> None:
         if on != self.reading:
@@ -469,5 +536,125 @@ class _Flow:
 
     def close(self) -> None:
         self.pause()
-        os.close(self.rfd)
-        os.close(self.wfd)
+
+
+class _CopyFlow(_Flow):
+    """``src`` → this thread's buffer → ``dst``: two copies, no descriptors of its own."""
+
+    __slots__ = ("recv_into", "buf")
+
+    def __init__(self, relay: SocketRelay, side: Side, dst_side: Side, sock_in: socket.socket,
+                 sock_out: socket.socket, pending: memoryview) -> None:
+        super().__init__(relay, side, dst_side, sock_in, sock_out, pending)
+        self.recv_into = sock_in.recv_into
+        self.buf = _copy_buffer()
+
+    def readable(self) -> None:
+        """``src`` has bytes (or EOF): copy up to ``COPY_ROUNDS`` buffer-fulls to ``dst``."""
+        buf = self.buf
+        for _ in range(COPY_ROUNDS):
+            try:
+                n = self.recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.relay.fail(self.side)
+                return
+            if n == 0:
+                self._ended()
+                return
+            self.side.bytes_in += n
+            try:
+                sent = os.write(self.dst, buf[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.relay.fail(self.dst_side)
+                return
+            if sent < n:
+                # The buffer is the next read's (and other flows'): keep only the rest.
+                self.pending = memoryview(bytes(buf[sent:n]))
+                self._held()
+                return
+            if n < len(buf):
+                return  # the socket is (nearly) empty: wait for the next readiness
+
+
+class _SpliceFlow(_CopyFlow):
+    """``src`` → a pipe → ``dst`` with ``splice(2)``: the payload stays in the kernel.
+
+    The pipe is only opened once the flow has carried ``SPLICE_AFTER`` bytes;
+    until then the flow copies (``_CopyFlow``), so a short connection never pays
+    for one."""
+
+    __slots__ = ("rfd", "wfd", "capacity", "may_pipe", "in_pipe")
+
+    def __init__(self, relay: SocketRelay, side: Side, dst_side: Side, sock_in: socket.socket,
+                 sock_out: socket.socket, pending: memoryview) -> None:
+        super().__init__(relay, side, dst_side, sock_in, sock_out, pending)
+        self.rfd = self.wfd = -1
+        """The pipe's ends; -1 while the flow copies."""
+        self.capacity = PIPE_DEFAULT_BYTES
+        self.may_pipe = True
+        self.in_pipe = 0
+
+    def readable(self) -> None:
+        """``src`` has bytes (or EOF): move up to ``SPLICE_ROUNDS`` pipe-fulls to ``dst``."""
+        if self.rfd < 0:
+            super().readable()
+            # Only between two reads, with nothing held (still reading): pending
+            # bytes always go out before the pipe's, so the order is kept anyway.
+            if self.may_pipe and self.reading and self.side.bytes_in >= SPLICE_AFTER:
+                self._open_pipe()
+            return
+        for _ in range(SPLICE_ROUNDS):
+            try:
+                n = os.splice(self.src, self.wfd, self.capacity, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.relay.fail(self.side)
+                return
+            if n == 0:
+                self._ended()
+                return
+            self.side.bytes_in += n
+            self.in_pipe += n
+            sent_all = self._sent()
+            if sent_all is None:
+                return
+            if not sent_all:
+                self._held()
+                return
+            if n < self.capacity:
+                return  # the socket is (nearly) empty: wait for the next readiness
+
+    def _open_pipe(self) -> None:
+        """A bulk transfer: from now on splice, through a pipe of ``PIPE_BYTES``."""
+        self.may_pipe = False
+        try:
+            self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # no descriptors left: this flow keeps copying
+        try:
+            self.capacity = fcntl.fcntl(self.wfd, _F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # refused (pipe-max-size, or the user's pipe quota): 64 KiB splices
+
+    def _send(self) -> bool:
+        """Write ``pending`` then the pipe to ``dst``; False when ``dst`` is full."""
+        if not super()._send():
+            return False
+        while self.in_pipe:
+            try:
+                self.in_pipe -= os.splice(self.rfd, self.dst, self.in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+        return True
+
+    def close(self) -> None:
+        super().close()
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            os.close(self.wfd)
+            self.rfd = self.wfd = -1

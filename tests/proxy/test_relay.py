@@ -1,14 +1,16 @@
 """The relay between two sockets (proxy/relay.py), over real loopback sockets.
 
-Each test runs against both relays: the kernel one (``splice(2)`` through pipes)
-and the transports' own, which takes over where ``os.splice`` is missing.
-A "client" connects to a listener whose accepted side is ``a``; ``b`` is a
-connection to an "origin"; the test drives both outer ends with asyncio streams.
+Each test runs against the three relays: the socket relay splicing
+(``splice(2)`` through pipes) and copying (through a buffer), and the
+transports' own, which takes over when the socket relay cannot (no descriptors
+left). A "client" connects to a listener whose accepted side is ``a``; ``b`` is
+a connection to an "origin"; the test drives both outer ends with asyncio streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy import relay
-from proxy.relay import Side, splice, spliced
+from proxy.relay import RelayMode, Side, splice, spliced
 
 pytestmark = pytest.mark.e2e
 
@@ -32,13 +34,26 @@ class Pair:
     origin: tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-@pytest.fixture(params=["kernel", "transport"])
+@pytest.fixture(params=["splice", "copy", "transport"])
 def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "transport":
-        monkeypatch.setattr(relay, "_HAVE_SPLICE", False)
-    elif not hasattr(os, "splice"):
+        def out_of_descriptors(*args: object) -> None:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(relay, "SocketRelay", out_of_descriptors)
+    elif request.param == "splice" and not hasattr(os, "splice"):
         pytest.skip("no os.splice on this platform")
     return str(request.param)
+
+
+def mode(kind: str) -> RelayMode:
+    """The mode that gives ``kind``: both peers are on this host, so "auto" would copy."""
+    return "splice" if kind == "splice" else "copy"
+
+
+def flow_types(side: Side) -> list[type]:
+    assert side.relay is not None
+    return [type(f) for f in side.relay.flows]
 
 
 @pytest.fixture
@@ -83,8 +98,8 @@ async def _pump(writer: asyncio.StreamWriter, data: bytes, *, eof: bool) -> None
 async def test_bytes_arrive_identical_both_ways_and_are_counted(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
     p = await connect()
     up, down = os.urandom(3 << 20), os.urandom(5 << 20)
-    splice(p.a, p.b)
-    assert (p.a.relay is not None) == (kind == "kernel")
+    splice(p.a, p.b, mode(kind))
+    assert (p.a.relay is not None) == (kind != "transport")
     run = asyncio.ensure_future(spliced(p.a, p.b))
     async with asyncio.timeout(30):
         # Both directions at once, each ended with a FIN.
@@ -103,7 +118,7 @@ async def test_bytes_read_while_sniffing_go_first(kind: str, connect) -> None:  
     async with asyncio.timeout(10):
         while len(p.a.buf) < 7:
             await p.a.wait_more()
-    splice(p.a, p.b)
+    splice(p.a, p.b, mode(kind))
     run = asyncio.ensure_future(spliced(p.a, p.b))
     p.client[1].write(b"world")
     p.client[1].write_eof()
@@ -116,7 +131,7 @@ async def test_bytes_read_while_sniffing_go_first(kind: str, connect) -> None:  
 
 async def test_half_close_lets_the_other_direction_finish(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
     p = await connect()
-    splice(p.a, p.b)
+    splice(p.a, p.b, mode(kind))
     run = asyncio.ensure_future(spliced(p.a, p.b))
     p.client[1].write(b"request")
     p.client[1].write_eof()  # the client is done sending, not done reading
@@ -133,7 +148,7 @@ async def test_half_close_lets_the_other_direction_finish(kind: str, connect) ->
 
 async def test_a_reset_ends_both_directions(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
     p = await connect()
-    splice(p.a, p.b)
+    splice(p.a, p.b, mode(kind))
     run = asyncio.ensure_future(spliced(p.a, p.b))
     p.origin[1].write(b"partial")
     async with asyncio.timeout(10):
@@ -143,30 +158,36 @@ async def test_a_reset_ends_both_directions(kind: str, connect) -> None:  # type
         p.origin[1].transport.abort()  # RST
         await run
         assert await p.client[0].read() == b""  # the client's connection was closed too
-    if kind == "kernel":
+    if kind != "transport":
         assert p.b.reset
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice on this platform")
-async def test_bulk_transfer_grows_the_pipe(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    grown: list[int] = []
-    real_grow = relay._Flow._grow
+async def test_only_a_bulk_transfer_opens_a_grown_pipe(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    opened: list[tuple[int, int]] = []
+    real_open = relay._SpliceFlow._open_pipe
 
-    def spy(flow: relay._Flow) -> None:
-        real_grow(flow)
-        grown.append(flow.capacity)
+    def spy(flow: relay._SpliceFlow) -> None:
+        real_open(flow)
+        opened.append((flow.side.bytes_in, flow.capacity))
 
-    monkeypatch.setattr(relay._Flow, "_grow", spy)
+    monkeypatch.setattr(relay._SpliceFlow, "_open_pipe", spy)
     p = await connect()
-    splice(p.a, p.b)
+    splice(p.a, p.b, "splice")
     run = asyncio.ensure_future(spliced(p.a, p.b))
+    request = os.urandom(relay.SPLICE_AFTER // 2)  # a short direction copies, no pipe
     data = os.urandom(8 << 20)
     async with asyncio.timeout(30):
-        got, _ = await asyncio.gather(p.client[0].read(), _pump(p.origin[1], data, eof=True))
-        p.client[1].write_eof()
+        got_up, got, *_ = await asyncio.gather(p.origin[0].read(), p.client[0].read(),
+                                               _pump(p.client[1], request, eof=True),
+                                               _pump(p.origin[1], data, eof=True))
         await run
-    assert got == data
-    assert grown and grown[0] >= relay.PIPE_DEFAULT_BYTES  # asked once; a refusal keeps 64 KiB
+    assert got_up == request and got == data
+    assert (p.a.bytes_in, p.b.bytes_in) == (len(request), len(data))
+    # Only the bulk direction, once, after SPLICE_AFTER bytes (a refused size keeps 64 KiB).
+    assert len(opened) == 1
+    assert relay.SPLICE_AFTER <= opened[0][0] < len(data)
+    assert opened[0][1] >= relay.PIPE_DEFAULT_BYTES
 
 
 async def test_bytes_the_transport_still_holds_go_out_before_the_relay(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
@@ -175,7 +196,7 @@ async def test_bytes_the_transport_still_holds_go_out_before_the_relay(kind: str
     assert p.a.transport is not None
     p.a.transport.write(head)
     assert p.a.transport.get_write_buffer_size() > 0
-    splice(p.a, p.b)
+    splice(p.a, p.b, mode(kind))
     run = asyncio.ensure_future(spliced(p.a, p.b))
     body = os.urandom(1 << 20)
     async with asyncio.timeout(30):
@@ -183,3 +204,136 @@ async def test_bytes_the_transport_still_holds_go_out_before_the_relay(kind: str
         p.client[1].write_eof()
         await run
     assert got == head + body
+
+
+async def test_a_slow_reader_holds_back_the_sender(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
+    """Back-pressure: while the client does not read, the relay stops reading the
+    origin, so what it holds stays bounded; then everything arrives, in order."""
+    p = await connect()
+    splice(p.a, p.b, mode(kind))
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    data = os.urandom(64 << 20)  # far more than the socket buffers and the relay hold
+    pump = asyncio.ensure_future(_pump(p.origin[1], data, eof=True))
+    async with asyncio.timeout(60):
+        await asyncio.sleep(0.3)
+        assert not pump.done()  # the origin is blocked: nothing buffers 64 MiB for it
+        if kind != "transport":
+            held = sum(len(f.pending) + getattr(f, "in_pipe", 0) for f in p.a.relay.flows)
+            assert held <= max(relay.COPY_BYTES, relay.PIPE_BYTES)
+        got = await p.client[0].read()
+        await pump
+        p.client[1].write_eof()
+        await run
+    assert got == data and p.b.bytes_in == len(data)
+
+
+async def test_a_failed_write_resets_and_ends_both(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
+    """The client goes away (RST) while the origin is still sending: the relay ends."""
+    p = await connect()
+    splice(p.a, p.b, mode(kind))
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    sock = p.client[1].get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    p.client[1].transport.abort()  # RST towards a
+    async with asyncio.timeout(10):
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # bounded: the relay's end reaches the origin long before
+                p.origin[1].write(os.urandom(1 << 16))
+                await p.origin[1].drain()
+                if run.done():
+                    break
+                await asyncio.sleep(0.01)
+        await run
+        assert await p.origin[0].read() == b""  # the origin's connection was closed too
+    if kind != "transport":
+        assert p.a.reset
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice on this platform")
+@pytest.mark.parametrize(("local_ends", "flow"), [(2, "_CopyFlow"), (1, "_CopyFlow"), (0, "_SpliceFlow")])
+async def test_auto_splices_only_between_two_other_hosts(local_ends: int, flow: str, connect,  # type: ignore[no-untyped-def]
+                                                        monkeypatch) -> None:
+    p = await connect()
+    # Both ends are on loopback; make the relay see ``local_ends`` of them as this host.
+    local = [p.a, p.b][:local_ends]
+    ports = {s.transport.get_extra_info("peername")[1] for s in local if s.transport is not None}
+    monkeypatch.setattr(relay, "_on_this_host", lambda sock: sock.getpeername()[1] in ports)
+    splice(p.a, p.b)  # mode "auto"
+    assert flow_types(p.a) == [getattr(relay, flow)] * 2
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    up, down = os.urandom(1 << 20), os.urandom(1 << 20)
+    async with asyncio.timeout(30):
+        got_up, got_down, *_ = await asyncio.gather(
+            p.origin[0].read(), p.client[0].read(),
+            _pump(p.client[1], up, eof=True), _pump(p.origin[1], down, eof=True))
+        await run
+    assert (got_up, got_down) == (up, down)
+    assert (p.a.bytes_in, p.b.bytes_in) == (len(up), len(down))
+
+
+async def test_this_host_is_loopback_or_our_own_address() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as c:
+            assert relay._on_this_host(c)
+    a, b = socket.socketpair()
+    with a, b:
+        assert relay._on_this_host(a)  # a Unix socket: always this host
+    with socket.socket() as unconnected:
+        assert not relay._on_this_host(unconnected)
+
+
+@pytest.mark.parametrize(("addr", "loopback"), [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.1", False), ("::ffff:10.0.0.1", False), ("fe80::1", False), ("1270::1", False), ("::", False),
+])
+def test_loopback_addresses(addr: str, loopback: bool) -> None:
+    assert relay._loopback(addr) == loopback
+
+
+@pytest.mark.parametrize(("mode_", "local", "spliced_"), [
+    ("splice", True, True), ("splice", False, True),
+    ("copy", True, False), ("copy", False, False),
+    ("auto", True, False), ("auto", False, True),
+])
+def test_use_splice(mode_: RelayMode, local: bool, spliced_: bool) -> None:
+    assert relay._use_splice(mode_, local) == (spliced_ and hasattr(os, "splice"))
+
+
+async def test_copying_relays_share_one_buffer_without_mixing_bytes(connect) -> None:  # type: ignore[no-untyped-def]
+    """Every copying flow of a thread reads into the same buffer; what one flow's
+    ``dst`` did not take is kept apart (``pending``) before another flow reads."""
+    pairs = [await connect() for _ in range(4)]
+    data = [os.urandom(4 << 20) for _ in pairs]
+    runs = []
+    for p in pairs:
+        splice(p.a, p.b, "copy")
+        assert p.a.relay is not None and p.a.relay.flows[0].buf is pairs[0].a.relay.flows[0].buf
+        runs.append(asyncio.ensure_future(spliced(p.a, p.b)))
+    async with asyncio.timeout(60):
+        got = await asyncio.gather(*(p.client[0].read() for p in pairs),
+                                   *(_pump(p.origin[1], d, eof=True) for p, d in zip(pairs, data)),
+                                   *(_pump(p.client[1], b"", eof=True) for p in pairs))
+        await asyncio.gather(*runs)
+    assert list(got[: len(pairs)]) == data
+    assert [p.b.bytes_in for p in pairs] == [len(d) for d in data]
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice on this platform")
+async def test_splice_without_descriptors_for_a_pipe_keeps_copying(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_pipe(flags: int) -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    p = await connect()
+    monkeypatch.setattr(os, "pipe2", no_pipe)
+    splice(p.a, p.b, "splice")
+    assert flow_types(p.a) == [relay._SpliceFlow, relay._SpliceFlow]
+    assert p.a.relay is not None
+    down = p.a.relay.flows[1]
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    data = os.urandom(4 * relay.SPLICE_AFTER)
+    async with asyncio.timeout(30):
+        got, *_ = await asyncio.gather(p.client[0].read(), _pump(p.origin[1], data, eof=True),
+                                       _pump(p.client[1], b"", eof=True))
+        await run
+    assert got == data and p.b.bytes_in == len(data)
+    assert isinstance(down, relay._SpliceFlow) and not down.may_pipe  # it tried, and copied on
