@@ -38,9 +38,12 @@ class StoreConfig:
     """IANA zone whose calendar day names a partition (one SQLite file per day). Default the
     zone of the units this is built for, so "day D" is the day an investigator means."""
 
-    batch_max: int = 5000
-    """Records per group commit at most. 5000 keeps one transaction under ~50 ms of SQLite
-    work while amortising the fsync over enough records for >50k records/s."""
+    batch_max: int = 20_000
+    """Records per group commit at most. Under load each transaction pays a fixed part (the
+    fsync, and the encoder/SQLite pipeline filling at its start and draining at its end);
+    20,000 records spread it thinly enough for >50k records/s (5,000 measured ~15 % slower,
+    benchmarks/bench_store.py), and a transaction is then ~0.3 s of work at full load.
+    Under light load the ``commit_interval_ms`` bound commits first."""
 
     commit_interval_ms: int = 200
     """Longest a submitted record waits before its batch is committed (the issue's bound);
