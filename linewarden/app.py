@@ -88,7 +88,7 @@ class App:
     """All the parts of one ``linewarden run``."""
 
     def __init__(self, config: Config) -> None:
-        from linewarden.dnsjoin import JoinSink
+        from linewarden.dnsjoin import JOIN_HOLD_S, DnsJoin, JoinSink
         from proxy.dns_shim import EngineRef
         from proxy.identity import Identity
         from rules.engine import Engine
@@ -104,7 +104,9 @@ class App:
         self.identity = Identity(config.identity)
         self.store_config = config.store.store_config()
         Path(config.store.dir).mkdir(parents=True, exist_ok=True)
-        self.writer = JoinSink(RecordWriter(config.store.dir, self.store_config))
+        # Without the shim no Dns record can come to name a Conn: nothing waits for one.
+        join = DnsJoin(hold_s=JOIN_HOLD_S if config.dns.enabled else 0.0)
+        self.writer = JoinSink(RecordWriter(config.store.dir, self.store_config), join)
         """The store writer behind the dns_name join (linewarden/dnsjoin.py): every record of
         every service and worker passes here, so conn records get the name their client
         resolved through the shim."""

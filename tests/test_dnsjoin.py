@@ -223,3 +223,42 @@ async def test_a_proxied_connection_is_recorded_with_the_name_resolved_through_t
         await origin.wait_closed()
     conns = [rec for rec in query(tmp_path / "store") if isinstance(rec, Conn) and rec.server_ip == "127.0.0.2"]
     assert [(c.server_port, c.dns_name) for c in conns] == [(port, "site.lw.test")]
+
+
+def test_with_no_hold_an_unnamed_conn_goes_on_at_once() -> None:
+    """What the app runs without the DNS shim: no Dns record can come to name it."""
+    j = DnsJoin(hold_s=0.0)
+    c = conn("192.0.2.1", ts=T0)
+    assert j.feed(c, T0) is c and not j.held and j.unnamed == 1
+
+
+async def test_the_sink_releases_conns_due_close_together_in_one_go() -> None:
+    now = [T0]
+    w = FakeWriter()
+    releases = []
+
+    class CountingJoin(DnsJoin):
+        def release(self, at: int) -> list:
+            out = super().release(at)
+            releases.append(len(out))
+            return out
+
+    sink = JoinSink(w, CountingJoin(hold_s=0.01), clock=lambda: now[0])
+    for k in range(3):
+        sink.submit(conn("192.0.2.1", ts=T0 + k * 1000))  # due 10, 11 and 12 ms from now
+    now[0] = T0 + 20_000
+    await asyncio.sleep(0.15)
+    assert releases == [3] and len(w.records) == 3
+    await sink.close()
+
+
+def test_the_app_holds_conns_for_a_name_only_with_the_dns_shim(tmp_path) -> None:
+    from linewarden.app import App
+    from linewarden.config import config_from_mapping
+    from linewarden.dnsjoin import JOIN_HOLD_S
+
+    def hold(dns: bool) -> int:
+        cfg = config_from_mapping({"store": {"dir": str(tmp_path / "store")}, "dns": {"enabled": dns}})
+        return App(cfg).writer.join.hold_us
+
+    assert hold(True) == int(JOIN_HOLD_S * US) and hold(False) == 0
