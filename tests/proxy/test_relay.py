@@ -337,3 +337,19 @@ async def test_splice_without_descriptors_for_a_pipe_keeps_copying(connect, monk
         await run
     assert got == data and p.b.bytes_in == len(data)
     assert isinstance(down, relay._SpliceFlow) and not down.may_pipe  # it tried, and copied on
+
+
+async def test_a_read_times_out_only_when_nothing_comes(connect) -> None:  # type: ignore[no-untyped-def]
+    p = await connect()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await p.a.read(0.1)
+    assert 0.09 <= loop.time() - started < 2
+    p.client[1].write(b"late but in time")
+    assert await p.a.read(5) == b"late but in time"
+    loop.call_later(0.05, p.client[1].write, b"x")
+    assert await p.a.read(5) == b"x"  # woken by the data, the timer cancelled
+    await asyncio.sleep(0.1)
+    p.client[1].write_eof()
+    assert await p.a.read(5) == b""  # EOF is an answer too, not a timeout
