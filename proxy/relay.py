@@ -35,7 +35,8 @@ import fcntl
 import os
 import socket
 import threading
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 READ_HIGH_WATER = 256 * 1024
 """Bytes buffered for a reading coroutine before the socket stops being read.
@@ -508,6 +509,23 @@ class _Flow:
             self.relay.fail(self.dst_side)
             return None
 
+    def _received(self, read: Callable[[Any], int], arg: Any) -> int:
+        """One read of ``src`` (``read(arg)``): the bytes it took, counted; 0 when this
+        callback is over: nothing there yet, the peer's FIN (passed on), or an error
+        (the relay ends)."""
+        try:
+            n = read(arg)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.relay.fail(self.side)
+            return 0
+        if n == 0:
+            self._ended()
+            return 0
+        self.side.bytes_in += n
+        return n
+
     def _ended(self) -> None:
         """``src`` sent its FIN: stop reading; ``flush`` passes it on once ``dst`` has all."""
         self.eof = self.side.eof = True
@@ -577,17 +595,9 @@ class _CopyFlow(_Flow):
         """``src`` has bytes (or EOF): copy up to ``COPY_ROUNDS`` buffer-fulls to ``dst``."""
         buf = self.buf
         for _ in range(COPY_ROUNDS):
-            try:
-                n = self.recv_into(buf)
-            except BlockingIOError:
+            n = self._received(self.recv_into, buf)
+            if not n:
                 return
-            except OSError:
-                self.relay.fail(self.side)
-                return
-            if n == 0:
-                self._ended()
-                return
-            self.side.bytes_in += n
             try:
                 sent = os.write(self.dst, buf[:n])
             except BlockingIOError:
@@ -632,17 +642,9 @@ class _SpliceFlow(_CopyFlow):
                 self._open_pipe()
             return
         for _ in range(SPLICE_ROUNDS):
-            try:
-                n = os.splice(self.src, self.wfd, self.capacity, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
+            n = self._received(self._splice_in, self.capacity)
+            if not n:
                 return
-            except OSError:
-                self.relay.fail(self.side)
-                return
-            if n == 0:
-                self._ended()
-                return
-            self.side.bytes_in += n
             self.in_pipe += n
             sent_all = self._sent()
             if sent_all is None:
@@ -652,6 +654,9 @@ class _SpliceFlow(_CopyFlow):
                 return
             if n < self.capacity:
                 return  # the socket is (nearly) empty: wait for the next readiness
+
+    def _splice_in(self, capacity: int) -> int:
+        return os.splice(self.src, self.wfd, capacity, flags=_SPLICE_FLAGS)
 
     def _open_pipe(self) -> None:
         """A bulk transfer: from now on splice, through a pipe of ``PIPE_BYTES``."""
