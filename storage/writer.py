@@ -441,70 +441,17 @@ class RecordWriter:
     async def _write(self, st: DayState, recs: list[Record]) -> None:
         """One transaction: the rows, the new interned strings, the batch and its hash.
 
-        The encoder thread encodes chunk after chunk (at most ``ENCODED_AHEAD`` waiting);
-        ``executemany`` on the connection's thread takes them as they come."""
+        ``_Encoding`` runs on the encoder thread, chunk after chunk; ``executemany`` on
+        the connection's thread takes the chunks as they come."""
         c = st.conn
-        enc, first, n = st.encoder, st.next_id, st.next_batch
-        logical: list[bytes] = []
-        span = [2**63, -(2**63)]
-
-        def encoded(i: int) -> tuple[Any, ...]:
-            r = recs[i]
-            try:
-                row, lg = enc.encode(r, first + i)
-            except Exception as exc:  # any field the encoder chokes on: else the batch retries forever
-                row, lg = enc.encode(self._bad_record(r, exc, r.ts), first + i)
-            logical.append(lg)
-            ts = row[2]
-            if ts < span[0]:
-                span[0] = ts
-            if ts > span[1]:
-                span[1] = ts
-            return row
-
-        plan = chunk_plan(len(recs))
-        ready: queue.Queue[list[Any] | BaseException] = queue.Queue(ENCODED_AHEAD)
-        stop = threading.Event()
-
-        def put(item: list[Any] | BaseException) -> bool:
-            """Hand ``item`` to the SQL thread; False once the transaction is abandoned."""
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def encode_all() -> tuple[bytes, int] | None:
-            # The encoder thread: chunk after chunk, while SQLite steps the previous one;
-            # then the batch's hash, while SQLite takes the last chunk.
-            try:
-                for size, lo, hi in plan:
-                    for k in range(lo, hi, size):
-                        flat: list[Any] = []
-                        for i in range(k, k + size):
-                            flat.extend(encoded(i))
-                        if not put(flat):
-                            return None
-            except BaseException as exc:
-                put(exc)
-                raise
-            return batch_hash(st.head, n, first, logical)
-
-        def chunks(count: int) -> Iterator[list[Any]]:
-            for _ in range(count):
-                flat = ready.get()
-                if isinstance(flat, BaseException):
-                    raise flat
-                yield flat
-
+        first, n = st.next_id, st.next_batch
+        enc = _Encoding(st, recs, self._bad_record)
         assert self._loop is not None
-        encoding = self._loop.run_in_executor(self._encoder, encode_all)
+        encoding = self._loop.run_in_executor(self._encoder, enc.run)
         try:
             await c.execute("BEGIN IMMEDIATE")
-            for size, lo, hi in plan:
-                await c.executemany(multi_insert_sql("rec", COLUMNS, size), chunks((hi - lo) // size))
+            for size, lo, hi in enc.plan:
+                await c.executemany(multi_insert_sql("rec", COLUMNS, size), enc.chunks((hi - lo) // size))
             hashed = await encoding
             assert hashed is not None  # None only once the transaction is abandoned
             head, count = hashed
@@ -513,10 +460,10 @@ class RecordWriter:
                 await c.execute(sql, params)
             if new_rkeys:
                 await c.executemany(UPDATE_RKEY, new_rkeys)
-            await c.execute(INSERT_BATCH, (n, first, first + count - 1, span[0], span[1], head))
+            await c.execute(INSERT_BATCH, (n, first, first + count - 1, enc.span[0], enc.span[1], head))
             await c.execute("COMMIT")
         except BaseException:
-            stop.set()  # the encoder must be done with the interner before it is rebuilt
+            enc.abandon()  # the encoder must be done with the interner before it is rebuilt
             await asyncio.wait([encoding])
             if not encoding.cancelled():
                 encoding.exception()  # retrieved: the error that matters is the one raised below
@@ -528,7 +475,7 @@ class RecordWriter:
             st.interner.load(await c.execute_fetchall("SELECT id, v, rkey FROM strs"))
             raise
         st.next_id, st.next_batch, st.head = first + count, n + 1, head
-        st.last_used = self._loop.time()  # type: ignore[union-attr]
+        st.last_used = self._loop.time()
 
     # --- day files ---------------------------------------------------------------------------
 
@@ -687,6 +634,71 @@ class RecordWriter:
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._pool, fn, *args)
+
+
+class _Encoding:
+    """The encoder thread's part of one transaction: rows in ``chunk_plan`` chunks, handed
+    to the SQL thread through a queue of ``ENCODED_AHEAD``, then the batch's hash."""
+
+    def __init__(self, st: DayState, recs: list[Record], bad_record: Callable[[Any, Exception, int], Record]) -> None:
+        self.st, self.recs, self.bad_record = st, recs, bad_record
+        self.first = st.next_id
+        self.plan = chunk_plan(len(recs))
+        self.logical: list[bytes] = []
+        self.span = [2**63, -(2**63)]
+        """Least and greatest ``ts`` of the batch's rows."""
+        self._ready: queue.Queue[list[Any] | BaseException] = queue.Queue(ENCODED_AHEAD)
+        self._stop = threading.Event()
+
+    def run(self) -> tuple[bytes, int] | None:
+        """(batch hash, rows) once every chunk is handed over; None if abandoned first."""
+        try:
+            for size, lo, hi in self.plan:
+                for k in range(lo, hi, size):
+                    flat: list[Any] = []
+                    for i in range(k, k + size):
+                        flat.extend(self._row(i))
+                    if not self._put(flat):
+                        return None
+        except BaseException as exc:
+            self._put(exc)
+            raise
+        return batch_hash(self.st.head, self.st.next_batch, self.first, self.logical)
+
+    def chunks(self, count: int) -> Iterator[list[Any]]:
+        """The next ``count`` chunks, flat (the SQL thread's side)."""
+        for _ in range(count):
+            flat = self._ready.get()
+            if isinstance(flat, BaseException):
+                raise flat
+            yield flat
+
+    def abandon(self) -> None:
+        self._stop.set()
+
+    def _row(self, i: int) -> tuple[Any, ...]:
+        r, row_id = self.recs[i], self.first + i
+        try:
+            row, lg = self.st.encoder.encode(r, row_id)
+        except Exception as exc:  # any field the encoder chokes on: else the batch retries forever
+            row, lg = self.st.encoder.encode(self.bad_record(r, exc, r.ts), row_id)
+        self.logical.append(lg)
+        ts, span = row[2], self.span
+        if ts < span[0]:
+            span[0] = ts
+        if ts > span[1]:
+            span[1] = ts
+        return row
+
+    def _put(self, item: list[Any] | BaseException) -> bool:
+        """Hand ``item`` to the SQL thread; False once the transaction is abandoned."""
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
 
 
 def _read_head(path: Path) -> tuple[int, int, bytes] | None:
