@@ -23,7 +23,6 @@ counting the UTF-8 lead bytes before them, and only when there is a match.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -34,10 +33,7 @@ __all__ = ["Backend", "KeywordMatcher", "KeywordStream", "available_backends"]
 
 Backend = Literal["hyperscan", "aho", "auto"]
 
-try:  # pragma: no branch
-    import hyperscan as _hs
-except ImportError:  # pragma: no cover - hyperscan is a dependency on x86-64
-    _hs = None  # type: ignore[assignment]
+from rules.hs import ThreadScratch, hyperscan as _hs
 
 
 def available_backends() -> list[str]:
@@ -100,7 +96,7 @@ class KeywordMatcher:
         self.backend = backend
         self._hs_db = None
         self._aho = None
-        self._local = threading.local()
+        self._hs_scratch: ThreadScratch | None = None
         if not self._unique:
             return
         if backend == "hyperscan":
@@ -108,6 +104,7 @@ class KeywordMatcher:
             db.compile(expressions=self._unique, ids=list(range(len(self._unique))),
                        elements=len(self._unique), flags=0, literal=True)
             self._hs_db = db
+            self._hs_scratch = ThreadScratch(db)
         else:
             import ahocorasick
 
@@ -158,12 +155,8 @@ class KeywordMatcher:
         return out
 
     def _scratch(self):  # noqa: ANN202 - hyperscan.Scratch
-        """Per-thread Hyperscan scratch space (one scan at a time may use a scratch)."""
-        s = getattr(self._local, "scratch", None)
-        if s is None:
-            s = self._hs_db.scratch.clone()  # type: ignore[union-attr]
-            self._local.scratch = s
-        return s
+        """This thread's Hyperscan scratch space (``rules.hs.ThreadScratch``)."""
+        return self._hs_scratch.get()  # type: ignore[union-attr]
 
 
 def _prepare(rule: KeywordRule) -> str:

@@ -74,10 +74,7 @@ from dataclasses import dataclass
 from itertools import compress
 from operator import ne
 
-try:  # pragma: no branch
-    import hyperscan as _hs
-except ImportError:  # pragma: no cover - hyperscan is a dependency on x86-64
-    _hs = None  # type: ignore[assignment]
+from rules.hs import ThreadScratch, hyperscan as _hs
 
 __all__ = [
     "IGNORABLE",
@@ -161,6 +158,8 @@ class _Tables:
     special_db: object | None
     """Hyperscan block database of ``special_chars`` in UTF-8 (None without
     Hyperscan): finds which of them a text holds in one C pass (``_specials_in``)."""
+    special_scratch: ThreadScratch | None
+    """``special_db``'s scratch space, per thread."""
 
 
 _tables: _Tables | None = None
@@ -309,9 +308,11 @@ def _build() -> _Tables:
     if any(mapping.get(d, d) != d for out in mapping.values() for d in out):  # pragma: no cover
         raise RuntimeError("a normalised form holds a character that changes")
     special_chars = tuple(sorted(special))
+    special_db = _special_db(special_chars)
     return _Tables(
         special_chars=special_chars,
-        special_db=_special_db(special_chars),
+        special_db=special_db,
+        special_scratch=None if special_db is None else ThreadScratch(special_db),
         ascii_bytes=lower,
         ascii_delete=delete,
         complex_rx=re.compile(cx),
@@ -425,9 +426,6 @@ SPECIAL_SCAN_MIN_BYTES = 512
 """Below this, one ``re.split`` costs less than a Hyperscan call (keywords, short
 form values)."""
 
-_scratch = threading.local()
-
-
 def _note_special(pid: int, start: int, end: int, flags: int, found: list[int]) -> bool:
     """Hyperscan callback (module level: the binding keeps no reference to it); stops
     the scan once there are too many to replace one by one."""
@@ -442,15 +440,11 @@ def _specials_in(data: bytes, t: _Tables) -> list[str] | None:
     UTF-8 is self-synchronising, so a character's bytes match only at its own
     position; ``HS_FLAG_SINGLEMATCH`` reports each character once per scan."""
     db = t.special_db
-    if db is None:
+    if db is None or t.special_scratch is None:
         return None
-    scratch = getattr(_scratch, "s", None)
-    if scratch is None or getattr(_scratch, "db", None) is not db:
-        scratch = _scratch.s = _hs.Scratch(db)
-        _scratch.db = db
     found: list[int] = []
     try:
-        db.scan(data, match_event_handler=_note_special, context=found, scratch=scratch)
+        db.scan(data, match_event_handler=_note_special, context=found, scratch=t.special_scratch.get())
     except _hs.ScanTerminated:
         return None
     return [t.special_chars[i] for i in found]
