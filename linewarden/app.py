@@ -75,8 +75,9 @@ def http_service(app: App) -> Service | None:
     cfg = HttpServiceConfig.from_config(app.config.http)
     if app.config.http.workers == 0:
         return HttpProxyService(app.engine_ref, app.writer.submit, cfg, identity=app.identity)
-    spec = HttpWorkerSpec(cfg, str(app.rules_dir), app.config.rules.backend, app.config.identity,
-                          app.store_config.overflow == "fail-open", app.config.http.workers)
+    spec = HttpWorkerSpec(config=cfg, rules_dir=str(app.rules_dir), backend=app.config.rules.backend,
+                          bindings=app.config.identity, fail_open=app.store_config.overflow == "fail-open",
+                          count=app.config.http.workers)
     return HttpWorkers(spec, app.writer)
 
 

@@ -333,29 +333,31 @@ def serve_reloads(proto: _SinkProtocol, sink: ChannelSink, engine_ref: Any, back
 _tasks: set[asyncio.Task[None]] = set()
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs (picklable: sent to a spawned interpreter)."""
+@dataclass(frozen=True, kw_only=True)
+class PoolSpec:
+    """What every worker process needs, whatever it serves (picklable: sent to a
+    spawned interpreter); ``WorkerPool`` and ``_serve`` read only these."""
+
+    rules_dir: str
+    backend: str
+    bindings: tuple[Binding, ...]
+    fail_open: bool
+    count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec(PoolSpec):
+    """A DNS worker: the shim's settings and the upstreams to forward to."""
 
     dns: DnsConfig
-    rules_dir: str
-    backend: str
-    bindings: tuple[Binding, ...]
     upstreams: tuple[tuple[str, int], ...]
-    fail_open: bool
-    count: int
 
 
-@dataclass(frozen=True)
-class HttpWorkerSpec:
-    """Everything an HTTP worker needs (picklable: sent to a spawned interpreter)."""
+@dataclass(frozen=True, kw_only=True)
+class HttpWorkerSpec(PoolSpec):
+    """An HTTP worker: the proxy service's settings."""
 
     config: HttpServiceConfig
-    rules_dir: str
-    backend: str
-    bindings: tuple[Binding, ...]
-    fail_open: bool
-    count: int
 
 
 class WorkerPool:
@@ -368,7 +370,7 @@ class WorkerPool:
 
     name = "worker"
 
-    def __init__(self, spec: Any, writer: Any, entry: Callable[[Any, int, socket.socket], None]) -> None:
+    def __init__(self, spec: PoolSpec, writer: Any, entry: Callable[[Any, int, socket.socket], None]) -> None:
         self.spec = spec
         self.writer = writer
         self.entry = entry
@@ -383,7 +385,7 @@ class WorkerPool:
     def address(self) -> tuple[Any, ...] | None:
         return None
 
-    def joined(self, spec: Any) -> Any:
+    def joined(self, spec: Any) -> Any:  # each pool's own spec type
         """``spec`` for the second and later workers once the first has bound its port."""
         return spec
 
@@ -401,7 +403,7 @@ class WorkerPool:
         self.spec = self.joined(spec) if len(self.workers) == 1 else spec
         log.info("%s: %d worker process(es) on %s", self.name, len(self.workers), self.address)
 
-    async def _spawn(self, spec: Any, index: int) -> WorkerHandle:
+    async def _spawn(self, spec: PoolSpec, index: int) -> WorkerHandle:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         h = WorkerHandle(index)
@@ -546,7 +548,7 @@ StartService = Callable[[Any, int, Any, ChannelSink], Awaitable[Served]]
 """(spec, index, EngineRef, sink) -> the started service."""
 
 
-def _process_main(kind: str, start: StartService, spec: Any, index: int, chan: socket.socket) -> None:
+def _process_main(kind: str, start: StartService, spec: PoolSpec, index: int, chan: socket.socket) -> None:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {kind}-{index} %(levelname)s %(message)s")
@@ -554,7 +556,7 @@ def _process_main(kind: str, start: StartService, spec: Any, index: int, chan: s
     uvloop.run(_serve(kind, start, spec, index, chan))
 
 
-async def _serve(kind: str, start: StartService, spec: Any, index: int, chan: socket.socket) -> None:
+async def _serve(kind: str, start: StartService, spec: PoolSpec, index: int, chan: socket.socket) -> None:
     """A worker's life: compile the rules, start the service, report, serve reloads
     until SIGTERM (or the main process is gone), then stop and flush every record."""
     from proxy.dns_shim import EngineRef

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +50,15 @@ def write_corpus_ruleset(corpus_dir: Path, out: Path) -> Path:
 def corpus_rules(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A rule-set directory holding the corpus's keywords and domains."""
     return write_corpus_ruleset(corpus, tmp_path_factory.mktemp("corpus-rules"))
+
+
+async def kill_first_worker_and_await_restart(pool: Any) -> None:
+    """SIGKILL a ``WorkerPool``'s first worker (a process the test started, by its pid)
+    and wait until the pool has started another in its place."""
+    old = pool.workers[0].process
+    os.kill(old.pid, signal.SIGKILL)
+    for _ in range(300):
+        if pool.restarts == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert pool.restarts == 1 and pool.workers[0].process.pid != old.pid

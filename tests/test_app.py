@@ -20,6 +20,7 @@ from linewarden.app import App
 from linewarden.config import config_from_mapping
 from storage.query import query
 from storage.records import Dns
+from tests.conftest import kill_first_worker_and_await_restart
 from tests.proxy.test_dns_shim import Zone, exchange, make_query, write_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,8 +145,6 @@ async def test_worker_stops_when_the_main_process_goes_away(tmp_path: Path) -> N
 
 
 async def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
-    import os
-
     from linewarden.workers import DnsWorkers, WorkerSpec
     from storage.writer import RecordWriter
 
@@ -158,13 +157,7 @@ async def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
                                     upstreams=(zone.address,), fail_open=True, count=1), writer)
     await service.start()
     try:
-        old = service.workers[0].process
-        os.kill(old.pid, signal.SIGKILL)  # a process this test started, by its pid
-        for _ in range(300):
-            if service.restarts == 1:
-                break
-            await asyncio.sleep(0.1)
-        assert service.restarts == 1 and service.workers[0].process.pid != old.pid
+        await kill_first_worker_and_await_restart(service)
         out = DNSRecord.parse(await exchange(service.udp_address, make_query("www.lw.test")))
         assert str(out.rr[0].rdata) == "192.0.2.10"
     finally:

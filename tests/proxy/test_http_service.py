@@ -24,6 +24,7 @@ from rules.wire import parse_message
 from storage.config import StoreConfig
 from storage.query import query
 from storage.writer import RecordWriter
+from tests.conftest import kill_first_worker_and_await_restart
 from tests.proxy.test_fastpath import KEYWORD, ROUTES, RULES, Origin, _tls_context
 
 pytestmark = pytest.mark.e2e
@@ -112,8 +113,8 @@ async def test_worker_processes_share_the_port_and_feed_one_writer(tmp_path: Pat
     writer = RecordWriter(tmp_path / "store", StoreConfig(commit_interval_ms=20))
     await writer.start()
     cfg = HttpServiceConfig(FastPathConfig(listen=("127.0.0.1", 0)))
-    spec = HttpWorkerSpec(cfg, str(_rules(tmp_path)), "auto", (Binding(ip_network("127.0.0.1/32"), "lab"),),
-                          True, 2)
+    spec = HttpWorkerSpec(config=cfg, rules_dir=str(_rules(tmp_path)), backend="auto",
+                          bindings=(Binding(ip_network("127.0.0.1/32"), "lab"),), fail_open=True, count=2)
     svc = HttpWorkers(spec, writer)
     await svc.start()
     try:
@@ -141,22 +142,15 @@ async def test_worker_processes_share_the_port_and_feed_one_writer(tmp_path: Pat
 
 
 async def test_a_dead_http_worker_is_replaced(tmp_path: Path, origin: Origin) -> None:
-    import os
-    import signal
-
     writer = RecordWriter(tmp_path / "store", StoreConfig(commit_interval_ms=20))
     await writer.start()
     cfg = HttpServiceConfig(FastPathConfig(listen=("127.0.0.1", 0)))
-    svc = HttpWorkers(HttpWorkerSpec(cfg, str(_rules(tmp_path)), "auto", (), True, 1), writer)
+    svc = HttpWorkers(HttpWorkerSpec(config=cfg, rules_dir=str(_rules(tmp_path)), backend="auto", bindings=(),
+                                     fail_open=True, count=1), writer)
     await svc.start()
     try:
-        old, port = svc.workers[0].process, svc.address
-        os.kill(old.pid, signal.SIGKILL)  # a process this test started, by its pid
-        for _ in range(300):
-            if svc.restarts == 1:
-                break
-            await asyncio.sleep(0.1)
-        assert svc.restarts == 1 and svc.workers[0].process.pid != old.pid
+        port = svc.address
+        await kill_first_worker_and_await_restart(svc)
         assert svc.address == port  # the replacement listens where the first one did
         r, w = await asyncio.open_connection("127.0.0.1", svc.address[1])
         w.write(f"GET http://127.0.0.1:{origin.port}/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
