@@ -412,7 +412,9 @@ class SocketRelay:
         self.flows: list[_Flow] = []
         try:
             sa, sb = self._socket(a), self._socket(b)
-            use_splice = _use_splice(mode, _on_this_host(sa) or _on_this_host(sb))
+            # Only "auto" asks where the ends are (four syscalls a connection).
+            local = mode == "auto" and (_on_this_host(sa) or _on_this_host(sb))
+            use_splice = _use_splice(mode, local)
             self.flows.append(self._flow(use_splice, a, b, sa, sb))
             self.flows.append(self._flow(use_splice, b, a, sb, sa))
         except OSError:
