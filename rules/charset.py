@@ -153,7 +153,7 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
     return data.decode(codec, "replace")
 
 
-_NOT_ASCII = re.compile(rb"[\x80-\xff\x1b]")  # ESC too: ISO-2022 shifts hide in ASCII
+NOT_ASCII = re.compile(rb"[\x80-\xff\x1b]")  # ESC too: ISO-2022 shifts hide in ASCII
 _ASCII_UNSAFE = frozenset({"utf-16-le", "utf-16-be", "iso2022_jp"})
 """Codecs in which ASCII bytes are not ASCII text: chosen before any text is produced."""
 
@@ -205,7 +205,7 @@ class TextDecoder:
             self._started = True
             if self._choose_early():
                 return self._decode(self._take(len(self._held)), final)
-        found = _NOT_ASCII.search(self._held)
+        found = NOT_ASCII.search(self._held)
         cut = len(self._held) if found is None else found.start()
         text = self._take(cut).decode("ascii")
         if self._held and (final or self._window_ready()):
@@ -214,12 +214,8 @@ class TextDecoder:
         return text
 
     def _window_ready(self) -> bool:
-        """The sniff window is full, and for undeclared HTML the 1024 bytes that a <meta>
-        may sit in have arrived (WHATWG waits for them too)."""
-        if len(self._held) < self.sniff_bytes:
-            return False
-        needs_meta = self.html and lookup(self.declared) is None
-        return not needs_meta or len(self._prefix) >= META_PRESCAN_BYTES
+        return window_ready(len(self._held), self.declared, self.html, len(self._prefix),
+                            self.sniff_bytes)
 
     def _take(self, count: int) -> bytes:
         if count >= len(self._held):  # all of it (the common case): one copy, no move
@@ -244,18 +240,17 @@ class TextDecoder:
         return False
 
     def _choose(self, window: bytes) -> None:
-        """Declared (Content-Type), then <meta> for HTML, then sniffed; a declared charset
-        that fails on the window is replaced by the sniffed one. An incomplete character
-        at the window's end does not count against a charset (the body may be cut)."""
-        codec = lookup(self.declared)
-        if codec is None and self.declared:
-            self.errors.append(f"unknown charset label {self.declared[:40]!r}: sniffed")
-        if codec is None and self.html:
-            codec = prescan_meta(self._prefix)
-        if codec is not None and not decodes(codec, window, False):
-            self.errors.append(f"declared charset {codec} does not decode the body: sniffed")
-            codec = None
-        self._start(codec or sniff(window, False))
+        self._start(choose(self.declared, self.html, self._prefix, window, self.errors))
+
+    def resume(self, prefix: bytes, codec: str | None, errors: str = "strict") -> None:
+        """Continue after another reader (rules/htmlscan.py) checked the BOM: ``prefix``
+        is the first ``META_PRESCAN_BYTES`` of the body; ``codec`` the charset it chose
+        (decoding with ``errors``), or None when the choice is still to be made."""
+        self._started = True
+        self._prefix = prefix[:META_PRESCAN_BYTES]
+        if codec is not None:
+            self._start(codec, errors)
+
 
     def _start(self, codec: str, errors: str = "strict") -> None:
         if codec in _STATEFUL:
@@ -275,3 +270,31 @@ class TextDecoder:
             self.errors.append(f"invalid {self.encoding} text: replaced with U+FFFD")
             self._start(self.encoding or "utf-8", "replace")
             return good + self._decode(pending[exc.start:], final)
+
+
+def window_ready(held: int, declared: str | None, html: bool, prefix: int,
+                 sniff_bytes: int) -> bool:
+    """Whether ``held`` bytes from the first non-ASCII byte on (and ``prefix`` bytes of
+    the body) are enough to choose: the sniff window is full, and for undeclared HTML the
+    1024 bytes that a <meta> may sit in have arrived (WHATWG waits for them too)."""
+    if held < sniff_bytes:
+        return False
+    needs_meta = html and lookup(declared) is None
+    return not needs_meta or prefix >= META_PRESCAN_BYTES
+
+
+def choose(declared: str | None, html: bool, prefix: bytes, window: bytes,
+           errors: list[str]) -> str:
+    """The charset: declared (Content-Type), then <meta> for HTML, then sniffed; a declared
+    charset that fails on the window is replaced by the sniffed one. An incomplete
+    character at the window's end does not count against a charset (the body may be
+    cut). Why another was chosen is appended to ``errors``."""
+    codec = lookup(declared)
+    if codec is None and declared:
+        errors.append(f"unknown charset label {declared[:40]!r}: sniffed")
+    if codec is None and html:
+        codec = prescan_meta(prefix)
+    if codec is not None and not decodes(codec, window, False):
+        errors.append(f"declared charset {codec} does not decode the body: sniffed")
+        codec = None
+    return codec or sniff(window, False)

@@ -18,12 +18,23 @@ GB18030), as corpus/README.md "How labels were decided" step 4 says.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from rules.charset import SNIFF_BYTES, TextDecoder
+from rules.charset import (
+    META_PRESCAN_BYTES,
+    NOT_ASCII,
+    SNIFF_BYTES,
+    TextDecoder,
+    bom,
+    choose,
+    lookup,
+    window_ready,
+)
 from rules.html import HtmlText
+from rules.htmlscan import new_scanner
 
 MAX_NAME_BYTES = 256
 """Longest form-field or part name kept for ``where`` (a label, not scanned text)."""
@@ -51,7 +62,18 @@ class Break:
     """The current text run ends here (a keyword must not match across it)."""
 
 
-type Event = Text | Break
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """Text of the current run, already normalised (``rules.normalize``) and UTF-8
+    encoded, as the compiled HTML scanner gives it; ``RUN_BREAK`` ends a run inside it."""
+
+    where: str
+    data: bytes
+    chars: int
+    """Characters in ``data``."""
+
+
+type Event = Text | Break | Normalized
 BREAK = Break()
 
 RUN_BREAK = "\x00"
@@ -72,6 +94,21 @@ def text_event(where: str, text: str) -> Text:
     _set_where(event, where)
     _set_text(event, text)
     return event
+
+_set_data = Normalized.data.__set__  # type: ignore[attr-defined]
+_set_chars = Normalized.chars.__set__  # type: ignore[attr-defined]
+_set_nwhere = Normalized.where.__set__  # type: ignore[attr-defined]
+
+
+def normalized_event(where: str, data: bytes, chars: int) -> Normalized:
+    """``Normalized(where, data, chars)`` without the frozen dataclass ``__init__`` (see
+    ``text_event``): one per page piece of the compiled HTML scanner."""
+    event = _new_object(Normalized)
+    _set_nwhere(event, where)
+    _set_data(event, data)
+    _set_chars(event, chars)
+    return event
+
 
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -131,23 +168,163 @@ class PlainText:
         return [Text(self.where, text)] if text else []
 
 
-class Html(PlainText):
-    """text/html and XHTML: decoded, then cut into the runs a reader sees."""
+class Html:
+    """text/html and XHTML: decoded, then cut into the runs a reader sees.
+
+    Two paths give the same normalised text. UTF-8 pages (declared, or chosen by
+    ``<meta>`` or sniffing as ``TextDecoder`` would) go through the compiled scanner
+    (``rules.htmlscan``), which emits ``Normalized`` events: one C pass from bytes to the
+    UTF-8 that the matcher scans. Other charsets, a missing scanner, and the rest of a
+    page after input the scanner leaves alone (it hands its state over: see
+    ``rules/htmlscan.py``) take the Python path, ``TextDecoder`` + ``HtmlText``, which
+    emits ``Text`` events for the Engine to normalise.
+    """
 
     def __init__(self, charset: str | None, *, sniff_bytes: int = SNIFF_BYTES) -> None:
-        super().__init__(charset, sniff_bytes=sniff_bytes, html=True)
-        self._html = HtmlText()
+        self.where = "body"
+        self.errors: list[str] = []
+        self._charset = charset
+        self._sniff_bytes = max(sniff_bytes, 4)
+        self._decoder: TextDecoder | None = None
+        self._html: HtmlText | None = None
+        codec = lookup(charset)
+        self._declared_utf8 = codec == "utf-8"
+        self._scan = new_scanner() if codec is None or self._declared_utf8 else None
+        self._head = b""  # the first bytes, until the BOM check
+        self._prefix = b""  # the first META_PRESCAN_BYTES, for <meta>
+        self._window = bytearray()  # from the first non-ASCII byte, until the charset is chosen
+        self._bom_checked = False
+        self._decided = False
+        self._replace: codecs.IncrementalDecoder | None = None  # after invalid UTF-8
+        if self._scan is None:
+            self._python(None)
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._scan is None:
+            return self._python_feed(data)
+        return self._compiled(data, final=False) if self._decided else self._undecided(data, False)
+
+    def finish(self) -> list[Event]:
+        if self._scan is None:
+            return self._python_finish(b"")
+        return self._compiled(b"", final=True) if self._decided else self._undecided(b"", True)
+
+    # The Python path.
+
+    def _python(self, codec: str | None, errors: str = "strict") -> None:
+        """Switch to the Python path, continuing the scanner's state if there was one."""
+        decoder = TextDecoder(self._charset, html=True, sniff_bytes=self._sniff_bytes)
+        decoder.errors = self.errors
+        if self._scan is not None:
+            carry, carry_is_tag, state, in_run, _held, _pending = self._scan.state()
+            self._html = HtmlText.resume(carry.decode("utf-8"), carry_is_tag, state, in_run)
+            if self._bom_checked:
+                decoder.resume(self._prefix, codec, errors)
+        else:
+            self._html = HtmlText()
+        self._decoder = decoder
+        self._scan = None
+
+    def _python_feed(self, data: bytes) -> list[Event]:
+        assert self._decoder is not None and self._html is not None
         text = self._html.feed_text(self._decoder.feed(data))
         return [text_event(self.where, text)] if text else []
 
-    def finish(self) -> list[Event]:
+    def _python_finish(self, data: bytes) -> list[Event]:
         # One event per feed, run breaks inline as RUN_BREAK: pages have a block tag
         # every ~100 bytes, and an event (and a matcher call) per run would cost more
         # than all the decoding (benchmarks/bench_matcher.py).
-        text = self._html.feed_text(self._decoder.finish()) + self._html.finish_text()
+        assert self._decoder is not None and self._html is not None
+        decoder, reader = self._decoder, self._html
+        text = reader.feed_text(decoder.feed(data)) if data else ""
+        text += reader.feed_text(decoder.finish()) + reader.finish_text()
         return [text_event(self.where, text)] if text else []
+
+    def _hand_over(self, data: bytes, final: bool, codec: str | None,
+                   errors: str = "strict") -> list[Event]:
+        """The Python path takes over with ``data``, the input the scanner did not take."""
+        assert self._scan is not None
+        held, pending = self._scan.state()[4:]
+        data = pending + data  # an unfinished character the scanner held
+        self._python(codec, errors)
+        # Text the scanner's normaliser held back, for the Engine's normaliser to hold.
+        events: list[Event] = [text_event(self.where, held.decode("utf-8"))] if held else []
+        events += self._python_finish(data) if final else self._python_feed(data)
+        return events
+
+    # The compiled path.
+
+    def _undecided(self, data: bytes, final: bool) -> list[Event]:
+        """Before the charset is chosen: the BOM check, ASCII to the scanner at once (it
+        reads the same in every candidate), the rest held until ``TextDecoder`` would
+        choose, and then the same choice."""
+        if len(self._prefix) < META_PRESCAN_BYTES and not self._declared_utf8:  # for <meta>
+            self._prefix += data[:META_PRESCAN_BYTES - len(self._prefix)]
+        if not self._bom_checked:
+            if self._head or len(data) < 3:
+                data, self._head = self._head + data, b""  # no copy of a whole first piece
+                if len(data) < 3 and not final:
+                    self._head = data
+                    return []
+            if bom(data[:3]) is not None:  # TextDecoder takes it from the start
+                return self._hand_over(data, final, None)
+            self._bom_checked = True
+        events: list[Event] = []
+        if not self._window:
+            found = NOT_ASCII.search(data)
+            if found is None:
+                return self._compiled(data, final)
+            if self._declared_utf8 and (final or len(data) - found.start() >= self._sniff_bytes):
+                whole = self._declared_window(data, final)
+                if whole is not None:
+                    return whole
+            events = self._compiled(data[:found.start()], False)
+            if self._scan is None:  # handed over on the ASCII part
+                return events + (self._python_finish(data[found.start():]) if final
+                                 else self._python_feed(data[found.start():]))
+            data = data[found.start():]
+        self._window += data
+        if not final and not window_ready(len(self._window), self._charset, True,
+                                          len(self._prefix), self._sniff_bytes):
+            return events
+        window, self._window = bytes(self._window), bytearray()
+        notes: list[str] = []
+        codec = choose(self._charset, True, self._prefix, window[:self._sniff_bytes], notes)
+        if codec != "utf-8":
+            return events + self._hand_over(window, final, None)  # it chooses again, the same
+        self.errors.extend(notes)
+        self._decided = True
+        return events + self._compiled(window, final)
+
+    def _declared_window(self, data: bytes, final: bool) -> list[Event] | None:
+        """UTF-8 is declared and the whole sniff window is in ``data``: if the scanner finds
+        all of ``data`` valid UTF-8, so is the window, and TextDecoder would keep the
+        declared charset. None, with nothing changed, when it does not (then the charset
+        is chosen as TextDecoder chooses it)."""
+        assert self._scan is not None
+        out = self._scan.feed(data, final)
+        if not isinstance(out, bytes):
+            return None
+        self._decided = True
+        return [normalized_event(self.where, out, self._scan.chars)] if out else []
+
+    def _compiled(self, data: bytes, final: bool) -> list[Event]:
+        scan = self._scan
+        assert scan is not None
+        if self._replace is not None:
+            data = self._replace.decode(data, final).encode("utf-8")
+        out = scan.feed(data, final)  # bytes; None: left to the Python path; -1: invalid UTF-8
+        if out is None:
+            if self._replace is not None:  # what the replacing decoder still holds
+                data += self._replace.getstate()[0]
+                return self._hand_over(data, final, "utf-8", "replace")
+            return self._hand_over(data, final, "utf-8" if self._decided else None)
+        if isinstance(out, int):
+            # Invalid UTF-8 after the choice: U+FFFD from here on, as TextDecoder does.
+            self.errors.append("invalid utf-8 text: replaced with U+FFFD")
+            self._replace = codecs.getincrementaldecoder("utf-8")("replace")
+            return self._compiled(scan.take_pending() + data, final)
+        return [normalized_event(self.where, out, scan.chars)] if out else []
 
 
 class FormUrlencoded:

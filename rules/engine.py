@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rules.containers import RUN_BREAK
+from rules.containers import RUN_BREAK, Normalized
 from rules.decode import BodyDecoder, Break, DecodeLimits, Text
 from rules.domains import DomainMatcher
 from rules.matcher import KeywordMatcher, KeywordStream
@@ -313,24 +313,32 @@ class _RunScanner:
         """One whole run."""
         self.events((Text(where, text),), final=True)
 
-    def events(self, events: Iterable[Text | Break], *, final: bool = False) -> None:
+    def events(self, events: Iterable[Text | Break | Normalized], *, final: bool = False) -> None:
         """Feed events; ``final`` ends the current run after them."""
         parts: list[str] = []
         wheres: list[tuple[int, str]] = [(0, self._where)]
         size = 0
         normalizer = self._normalizer
         for ev in events:
+            if isinstance(ev, Break):
+                size += self._end_run(parts)
+                continue
+            if ev.where != self._where:
+                size += self._end_run(parts)
+                self._where = ev.where
+                wheres.append((size, ev.where))
             if isinstance(ev, Text):
-                if ev.where != self._where:
-                    size += self._end_run(parts)
-                    self._where = ev.where
-                    wheres.append((size, ev.where))
                 piece = normalizer.feed(ev.text)
                 if piece:
                     parts.append(piece)
                     size += len(piece)
-            else:
-                size += self._end_run(parts)
+                continue
+            # Normalized: the compiled HTML scanner normalised it already; what came
+            # before is matched first, in order.
+            if parts:
+                self._scan("".join(parts), wheres)
+                parts, size, wheres = [], 0, [(0, self._where)]
+            self._scan_utf8(ev.data, ev.chars)
         if final:
             self._end_run(parts)
         if parts:
@@ -347,12 +355,33 @@ class _RunScanner:
         return len(piece) + 1
 
     def _scan(self, norm: str, wheres: list[tuple[int, str]]) -> None:
-        buf = self._tail + norm
-        base = self._fed
         if self._stream is None:
             self._stream = self._engine.keywords.stream()
+        self._matched_in(norm, self._stream.feed(norm), wheres)
+
+    def _scan_utf8(self, data: bytes, chars: int) -> None:
+        """``_scan`` of normalised UTF-8: decoded only for a hit's snippet and the tail."""
+        if self._stream is None:
+            self._stream = self._engine.keywords.stream()
+        hits = self._stream.feed_utf8(data, chars)
+        if hits or chars < SNIPPET_TAIL:
+            self._matched_in(data.decode("utf-8"), hits, [(0, self._where)])
+            return
+        # The last SNIPPET_TAIL characters: at most 4 bytes each, cut at a character start.
+        piece = data[-4 * SNIPPET_TAIL:]
+        start = 0
+        while 0x80 <= piece[start] < 0xC0:
+            start += 1
+        self._fed += chars
+        self._tail = piece[start:].decode("utf-8")[-SNIPPET_TAIL:]
+        self._tail_start = self._fed + 1 - len(self._tail)
+
+    def _matched_in(self, norm: str, hits: list[tuple[int, int]],
+                    wheres: list[tuple[int, str]]) -> None:
+        buf = self._tail + norm
+        base = self._fed
         matched = self._matched
-        for index, end in self._stream.feed(norm):
+        for index, end in hits:
             if index not in matched:
                 self._hit(index, end, buf, _where_at(wheres, end - 1 - base))
         self._fed += len(norm)

@@ -202,6 +202,17 @@ class HtmlText:
         self.forced_tags = 0
         """How many unfinished tags were ended at their first '>' (see ``_force_tag_end``)."""
 
+    @classmethod
+    def resume(cls, carry: str, carry_is_tag: bool, state: str, in_run: bool) -> HtmlText:
+        """A reader continuing where another left off (the compiled scanner,
+        rules/htmlscan.py, hands its state over when it meets input it leaves to this one)."""
+        reader = cls()
+        if state != "data" and state != "comment" and state not in RAW_TEXT_SKIPPED:
+            raise ValueError(f"unknown HTML reader state {state!r}")
+        reader._carry, reader._carry_is_tag = carry, carry_is_tag
+        reader._state, reader._in_run = state, in_run
+        return reader
+
     def feed(self, text: str) -> list[Piece]:
         return _pieces(self.feed_text(text))
 

@@ -170,6 +170,10 @@ class KeywordStream:
     def feed(self, normalized_text: str) -> list[tuple[int, int]]:
         raise NotImplementedError
 
+    def feed_utf8(self, data: bytes, chars: int) -> list[tuple[int, int]]:
+        """``feed`` of normalised text given as UTF-8 (``chars`` characters long)."""
+        return self.feed(data.decode("utf-8", "surrogatepass"))
+
     def reset(self) -> None:
         raise NotImplementedError
 
@@ -202,15 +206,18 @@ class _HsStream(KeywordStream):
         return st
 
     def feed(self, normalized_text: str) -> list[tuple[int, int]]:
-        if not normalized_text:
+        return self.feed_utf8(normalized_text.encode("utf-8", "surrogatepass"),
+                              len(normalized_text))
+
+    def feed_utf8(self, data: bytes, chars: int) -> list[tuple[int, int]]:
+        if not data:
             return []
         st = self._stream or self._open()
-        data = normalized_text.encode("utf-8", "surrogatepass")
         hits = self._hits
         st.scan(data, scratch=self._m._scratch(), match_event_handler=_collect, context=hits)
         base_b, base_c = self._bytes, self._chars
         self._bytes += len(data)
-        self._chars += len(normalized_text)
+        self._chars += chars
         if not hits:
             return []
         raw = hits[:]

@@ -70,6 +70,7 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
+from array import array
 from dataclasses import dataclass
 from itertools import compress
 from operator import ne
@@ -535,6 +536,48 @@ def normalize_many(texts: list[str]) -> list[str]:
             flush()
     flush()
     return out
+
+
+SCAN_CHANGES, SCAN_COMPLEX, SCAN_NON_INERT, SCAN_IGNORABLE = 0x01, 0x02, 0x04, 0x08
+"""Flags of ``scan_tables`` entries (rules/_htmlscan.c reads them)."""
+
+
+def scan_tables() -> tuple[bytes, bytes, bytes]:
+    """These tables packed for the compiled scanner (rules/_htmlscan.c): ``(top, blocks,
+    repl)``. ``top`` maps ``cp >> 8`` to a block (uint16; block 0 is all zero: nothing
+    changes, inert); a block is 256 uint32 entries ``flags << 24 | offset``, ``flags``
+    the ``SCAN_*`` bits, ``offset`` into ``repl`` where a length byte and the UTF-8
+    replacement stand. The same ``mapping``, ``complex_chars`` and ``non_inert`` as the
+    Python path: one definition of the normalised text."""
+    t = _get_tables()
+    entries: dict[int, int] = {}
+    repl = bytearray(b"\0")
+    for c, out in t.mapping.items():
+        flags = SCAN_COMPLEX if c in t.complex_chars else 0
+        if out == "":
+            flags |= SCAN_IGNORABLE | SCAN_CHANGES
+            entries[ord(c)] = flags << 24
+        elif out != c:
+            encoded = out.encode("utf-8", "surrogatepass")
+            entries[ord(c)] = (flags | SCAN_CHANGES) << 24 | len(repl)
+            repl += bytes((len(encoded),)) + encoded
+        else:
+            entries[ord(c)] = flags << 24
+    for c in t.non_inert:
+        entries[ord(c)] = entries.get(ord(c), 0) | SCAN_NON_INERT << 24
+    top = [0] * (0x110000 >> 8)
+    blocks = [[0] * 256]
+    for cp, value in sorted(entries.items()):
+        if value == 0:
+            continue
+        if top[cp >> 8] == 0:
+            top[cp >> 8] = len(blocks)
+            blocks.append([0] * 256)
+        blocks[top[cp >> 8]][cp & 255] = value
+    if len(blocks) >= 1 << 16 or len(repl) >= 1 << 24:  # pragma: no cover - table contract
+        raise RuntimeError("normalisation tables too large for the compiled scanner")
+    return (array("H", top).tobytes(), array("I", [v for b in blocks for v in b]).tobytes(),
+            bytes(repl))
 
 
 class Normalizer:
