@@ -130,7 +130,7 @@ typedef struct {
     Scanner *s;
     Buf *out;
     int state, in_run, bail, invalid, carry_is_tag;
-    Py_ssize_t carry_from, carry_to; /* carry = in[carry_from:carry_to] */
+    Py_ssize_t carry_from; /* the input from here on is carried to the next feed */
     Py_ssize_t ni_out;  /* out length before the last non-ignorable char, -1: none */
     int ni_hold;        /* that char is non-inert; -1: not looked up yet (see held_lazy) */
     const char *held_lazy; /* when set, held_in is this char (in the input), not yet copied */
@@ -284,11 +284,6 @@ static inline int is_plain(const Scanner *s, uint32_t cp) {
     return ((entry_of(s, cp) >> 24) & ~F_NONINERT) == 0;
 }
 
-/* UTF-8 text -> normalised output, checking the UTF-8 as it goes (f->invalid). With
- * `stops`, ends before the first '<' or '&' and returns where it is (n: none): the markup
- * search and the text are one pass. Runs of characters that neither change nor drop
- * (nearly all of a page) are found with tables that stay in L1 and copied at once.
- * Returns -1 on a Python error. */
 enum { M_TEXT, M_TAG, M_SKIP, M_STOP_TAG, M_STOP_END, M_STOP_COMMENT, M_STOP_RAW };
 
 typedef struct {
@@ -363,6 +358,12 @@ static inline int flush_run(Feed *f, const unsigned char *p, Py_ssize_t i, Py_ss
     return buf_put(f->out, (const char *)p + i, j - i);
 }
 
+/* UTF-8 text -> normalised output, checking the UTF-8 as it goes (f->invalid). With
+ * `stops` it reads a data-state text: tags and comments inside it are handled here (most
+ * markup), and it returns where a '&' or other markup (unfinished, raw text) is, for
+ * tokenize; n when it reached the end. Runs of characters that neither change nor drop
+ * (nearly all of a page) are found with tables that stay in L1 and copied at once.
+ * Returns -1 on a Python error. */
 static Py_ssize_t emit_until(Feed *f, const unsigned char *p, Py_ssize_t n, int stops) {
     Scanner *s = f->s;
     const unsigned char *cls = stops ? s->ascii_run : s->ascii_plain;
@@ -951,19 +952,14 @@ static PyObject *scanner_feed(Scanner *s, PyObject *args) {
     if (f.invalid) { result = PyLong_FromLong(-1); goto done; }
     if (holds(&f, final) && s->out.len - f.ni_out > (Py_ssize_t)sizeof(s->held_out)) f.bail = 1;
     if (f.bail) { result = Py_NewRef(Py_None); goto done; }
-    commit(s, &f, final);
-    /* carry = in[carry_from:ok] (may alias s->in: copy through a temporary) */
-    Py_ssize_t cn = ok - f.carry_from;
+    /* carry = in[carry_from:ok], copied before anything is committed (in may be s->in) */
+    Buf carry = {0};
+    if (buf_put(&carry, (const char *)in + f.carry_from, ok - f.carry_from) < 0) goto done;
     char pend[4];
     memcpy(pend, in + ok, (size_t)inc);
-    if (cn > 0) {
-        Buf tmp = {0};
-        if (buf_put(&tmp, (const char *)in + f.carry_from, cn) < 0) goto done;
-        buf_free(&s->carry);
-        s->carry = tmp;
-    } else {
-        s->carry.len = 0;
-    }
+    commit(s, &f, final);
+    buf_free(&s->carry);
+    s->carry = carry;
     s->carry_is_tag = f.carry_is_tag;
     memcpy(s->pending, pend, (size_t)inc);
     s->pending_len = inc;
@@ -1103,6 +1099,11 @@ static int scanner_init(Scanner *s, PyObject *args, PyObject *kwds) {
     Py_XSETREF(s->plain_obj, plain);
     s->plain = bits;
     s->plain3 = bits3;
+    if (!((bits['<' >> 3] >> ('<' & 7)) & 1) || !((bits['&' >> 3] >> ('&' & 7)) & 1)) {
+        /* emit_until copies a '<' that opens nothing as text */
+        PyErr_SetString(PyExc_ValueError, "'<' and '&' must normalise to themselves");
+        return -1;
+    }
     for (int c = 0; c < 128; c++) { /* 1: copied, 2: dropped, 0: anything else */
         unsigned flags = entry_of(s, (uint32_t)c) >> 24;
         s->ascii_plain[c] = c < 2 ? 0 : ((bits[c >> 3] >> (c & 7)) & 1) ? 1 : (flags & F_IGNORABLE) ? 2 : 0;
