@@ -103,6 +103,11 @@ class KeywordMatcher:
             db = _hs.Database(mode=_hs.HS_MODE_STREAM)
             db.compile(expressions=self._unique, ids=list(range(len(self._unique))),
                        elements=len(self._unique), flags=0, literal=True)
+            # The database's own scratch serves only stream closes: the binding's
+            # Stream.close(scratch=...) fails its argument check (hyperscan 0.9.1), so
+            # streams are closed without one and it falls back to this. Closes hold
+            # the GIL (scans release it and use ThreadScratch), so two never share it.
+            db.scratch = _hs.Scratch(db)
             self._hs_db = db
             self._hs_scratch = ThreadScratch(db)
         else:
@@ -231,8 +236,8 @@ class _HsStream(KeywordStream):
     def close(self) -> None:
         st, self._stream = self._stream, None
         if st is not None:
-            try:
-                st.close(scratch=self._m._scratch(), match_event_handler=_collect, context=self._hits)
+            try:  # frees the stream's state (see KeywordMatcher.__init__ on the scratch)
+                st.close(match_event_handler=_collect, context=self._hits)
             except Exception:  # noqa: BLE001 - literals report nothing at close; at
                 pass  # interpreter exit the scratch may be gone: the OS frees the stream
             self._hits.clear()
