@@ -251,7 +251,6 @@ class TextDecoder:
         if codec is not None:
             self._start(codec, errors)
 
-
     def _start(self, codec: str, errors: str = "strict") -> None:
         if codec in _STATEFUL:
             errors = "replace"  # see _STATEFUL: recovery below cannot replay a shift state
