@@ -192,7 +192,7 @@ class Html:
         self._scan = new_scanner() if codec is None or self._declared_utf8 else None
         self._head = b""  # the first bytes, until the BOM check
         self._prefix = b""  # the first META_PRESCAN_BYTES, for <meta>
-        self._window = bytearray()  # from the first non-ASCII byte, until the charset is chosen
+        self._window = bytearray()  # the input until the charset is chosen
         self._bom_checked = False
         self._decided = False
         self._replace: codecs.IncrementalDecoder | None = None  # after invalid UTF-8
@@ -255,9 +255,10 @@ class Html:
     # The compiled path.
 
     def _undecided(self, data: bytes, final: bool) -> list[Event]:
-        """Before the charset is chosen: the BOM check, ASCII to the scanner at once (it
-        reads the same in every candidate), the rest held until ``TextDecoder`` would
-        choose, and then the same choice."""
+        """Before the charset is chosen: the BOM check, then the input held until
+        ``TextDecoder`` would choose (a sniff window from the first non-ASCII byte), and
+        the same choice; a long ASCII start goes on at once (it reads the same in every
+        candidate)."""
         if len(self._prefix) < META_PRESCAN_BYTES and not self._declared_utf8:  # for <meta>
             self._prefix += data[:META_PRESCAN_BYTES - len(self._prefix)]
         if not self._bom_checked:
@@ -269,32 +270,38 @@ class Html:
             if bom(data[:3]) is not None:  # TextDecoder takes it from the start
                 return self._hand_over(data, final, None)
             self._bom_checked = True
-        events: list[Event] = []
-        if not self._window:
-            found = NOT_ASCII.search(data)
-            if found is None:
-                return self._compiled(data, final)
-            if self._declared_utf8 and (final or len(data) - found.start() >= self._sniff_bytes):
-                whole = self._declared_window(data, final)
-                if whole is not None:
-                    return whole
-            events = self._compiled(data[:found.start()], False)
-            if self._scan is None:  # handed over on the ASCII part
-                return events + (self._python_finish(data[found.start():]) if final
-                                 else self._python_feed(data[found.start():]))
-            data = data[found.start():]
-        self._window += data
-        if not final and not window_ready(len(self._window), self._charset, True,
+        held = self._window
+        held += data
+        found = NOT_ASCII.search(held)
+        start = len(held) if found is None else found.start()
+        if not final and not window_ready(len(held) - start if found else 0, self._charset, True,
                                           len(self._prefix), self._sniff_bytes):
+            if start <= self._sniff_bytes:
+                return []  # small so far: one scanner call for all of it later
+            # A long ASCII start reads the same in every candidate: on to the scanner, so
+            # that what is held stays bounded by the sniff window.
+            ascii_part, rest = bytes(held[:start]), bytes(held[start:])
+            held.clear()
+            events = self._compiled(ascii_part, False)
+            if self._scan is None:  # handed over: the Python path takes the rest too
+                return events + self._python_feed(rest)
+            held += rest
             return events
-        window, self._window = bytes(self._window), bytearray()
+        whole, self._window = bytes(held), bytearray()
+        if found is None:
+            return self._compiled(whole, final)
+        if self._declared_utf8:
+            events = self._declared_window(whole, final)
+            if events is not None:
+                return events
         notes: list[str] = []
-        codec = choose(self._charset, True, self._prefix, window[:self._sniff_bytes], notes)
+        window = whole[start:start + self._sniff_bytes]
+        codec = choose(self._charset, True, self._prefix, window, notes)
         if codec != "utf-8":
-            return events + self._hand_over(window, final, None)  # it chooses again, the same
+            return self._hand_over(whole, final, None)  # it chooses again, the same
         self.errors.extend(notes)
         self._decided = True
-        return events + self._compiled(window, final)
+        return self._compiled(whole, final)
 
     def _declared_window(self, data: bytes, final: bool) -> list[Event] | None:
         """UTF-8 is declared and the whole sniff window is in ``data``: if the scanner finds

@@ -156,3 +156,23 @@ def test_every_split_point_and_byte_by_byte(where: str) -> None:
     for i in range(len(data) + 1):
         assert stream([data[:i], data[i:]], "utf-8", True) == whole, i
     assert stream([data[i:i + 1] for i in range(len(data))], "utf-8", True) == whole
+
+
+@pytest.mark.parametrize("rest", [
+    "<p>六合彩</p>",  # UTF-8 after a long ASCII start
+    "<p>e\u0301 六合彩</p>",  # a complex character after it
+    "\x00<p>六合彩</p>",  # NUL: the scanner hands over while the window is held
+])
+@pytest.mark.parametrize("charset", ["utf-8", None])
+def test_long_ascii_start_goes_on_before_the_charset_is_chosen(rest: str, charset: str | None) -> None:
+    page = ("<div>" + "ascii text, " * 2000 + "</div>" + rest * 50).encode()
+    for size in (5000, 7919):
+        chunks = [page[i:i + size] for i in range(0, len(page), size)]
+        assert stream(chunks, charset, True) == stream(chunks, charset, False)
+
+
+def test_gbk_after_a_long_ascii_start_is_handed_over() -> None:
+    page = b"<p>" + b"ascii " * 4000 + "<p>六合彩，代开发票</p>".encode("gb18030") * 20
+    chunks = [page[i:i + 4096] for i in range(0, len(page), 4096)]
+    compiled, python = stream(chunks, None, True), stream(chunks, None, False)
+    assert compiled == python and "六合彩" in compiled[0]
