@@ -108,6 +108,7 @@ typedef struct {
     int block_len[MAX_BLOCK], nblock;
     int block_first[27]; /* names sorted: where those starting with 'a' + i begin */
     uint64_t block_word[MAX_BLOCK]; /* pack8 of names up to 8 bytes, else 0 */
+    uint64_t raw_word[MAX_RAW];     /* the same for the raw-text names */
     /* state between feeds */
     Buf carry;          /* unconsumed input: an unfinished tag, entity, or a skip tail */
     int carry_is_tag;
@@ -321,6 +322,16 @@ static inline int is_block_letters(const Scanner *s, const unsigned char *tok, P
     return 0;
 }
 
+/* Whether an all-letter name of 1 to 8 bytes names a raw-text element (script...). */
+static inline int is_raw_letters(const Scanner *s, const unsigned char *tok, Py_ssize_t len,
+                                 const unsigned char *end) {
+    if ((tok[0] | 0x20) != 's' && (tok[0] | 0x20) != 'n') return 0; /* all raw names do */
+    uint64_t w = pack8(tok, len, end);
+    for (int i = 0; i < s->nraw; i++)
+        if (s->raw_word[i] == w) return 1;
+    return 0;
+}
+
 /* A run of plain three-byte characters from j (nearly all of a CJK page): where it ends.
  * One 4-byte load checks the lead and continuation bytes; overlong forms and surrogates
  * are not in `plain3`, so anything unusual ends the run and the general decoding (which
@@ -396,9 +407,10 @@ static Py_ssize_t emit_until(Feed *f, const unsigned char *p, Py_ssize_t n, int 
                      * the rest (unfinished markup, raw text, stops) by tokenize. First
                      * the commonest, <name> and </name> with a short name that is not
                      * raw text, without the general alternatives. */
-                    Py_ssize_t t = j + 1 + (j + 1 < n && p[j + 1] == '/'), e = t;
+                    int end_tag = j + 1 < n && p[j + 1] == '/';
+                    Py_ssize_t t = j + 1 + end_tag, e = t;
                     while (e < n && e - t < 8 && is_alpha(p[e])) e++;
-                    if (e > t && e < n && p[e] == '>' && (p[t] | 0x20) != 's' && (p[t] | 0x20) != 'n') {
+                    if (e > t && e < n && p[e] == '>' && (end_tag || !is_raw_letters(s, p + t, e - t, p + n))) {
                         if (flush_run(f, p, i, j, last, nch) < 0) return -1;
                         nch = 0;
                         if (is_block_letters(s, p + t, e - t, p + n) && run_break(f) < 0) return -1;
@@ -1010,6 +1022,7 @@ static PyObject *scanner_fresh(Scanner *s, PyObject *Py_UNUSED(ignored)) {
     t->nblock = s->nblock;
     memcpy(t->block_first, s->block_first, sizeof s->block_first);
     memcpy(t->block_word, s->block_word, sizeof s->block_word);
+    memcpy(t->raw_word, s->raw_word, sizeof s->raw_word);
     return (PyObject *)t;
 }
 
@@ -1066,6 +1079,14 @@ static int scanner_init(Scanner *s, PyObject *args, PyObject *kwds) {
     for (int i = 0, letter = 0; letter <= 26; letter++) {
         while (i < s->nblock && s->block_names[i][0] - 'a' < letter) i++;
         s->block_first[letter] = i;
+    }
+    for (int i = 0; i < s->nraw; i++) {
+        if (s->raw_len[i] > 8 || (s->raw_names[i][0] != 's' && s->raw_names[i][0] != 'n')) {
+            PyErr_SetString(PyExc_ValueError, "raw-text names must be 's...' or 'n...', 8 letters at most");
+            return -1;
+        }
+        s->raw_word[i] = pack8((const unsigned char *)s->raw_names[i], s->raw_len[i],
+                               (const unsigned char *)s->raw_names[i] + sizeof s->raw_names[i]);
     }
     for (int i = 0; i < s->nblock; i++)
         s->block_word[i] = s->block_len[i] <= 8
