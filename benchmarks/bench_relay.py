@@ -84,7 +84,7 @@ async def relay(mode: RelayMode, lst: socket.socket, rx: tuple[str, int]) -> Non
     server = await loop.create_server(Accepted, sock=lst)
     _, b = await loop.create_connection(Side, *rx)
     a = await accepted
-    splice(a, b, mode)
+    splice(a, b, mode, after=0)  # the socket relay from the first byte: what is measured
     await spliced(a, b)
     server.close()
 

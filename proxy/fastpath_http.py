@@ -28,6 +28,7 @@ write SQL (records go to ``submit``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import ipaddress
 from collections import deque
@@ -645,7 +646,11 @@ def _looks_like_http(data: bytes) -> bool:
     return any(data.startswith(p[: len(data)]) for p in _METHOD_PREFIXES) if data else False
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(host: str) -> bool:
+    """An address literal (IPv4 or IPv6)? Cached: asked for every CONNECT and request
+    target, and a gateway sees the same few thousand hosts again and again, while
+    ``ipaddress`` parses in Python (a few µs an address)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

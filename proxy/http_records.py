@@ -12,7 +12,7 @@ anything, or write to the store (the caller hands records to ``RecordWriter.subm
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,14 +36,23 @@ DnsNames = Callable[[str, str], str | None]
 """(client_ip, server_ip) → the name the client last resolved to server_ip."""
 
 
+_UID_PAIRS = [lo + hi for hi in _UID_ALPHABET for lo in _UID_ALPHABET]
+"""Two base62 digits at once, least significant first: ``_UID_PAIRS[hi * 62 + lo]``."""
+
+
 def new_uid() -> str:
-    """A connection id in Zeek's style: ``C`` + 17 base62 characters (~101 bits)."""
-    n = secrets.randbits(101)
+    """A connection id in Zeek's style: ``C`` + 17 base62 characters (~101 bits),
+    least significant digit first.
+
+    Runs once per connection: the bits are ``secrets.randbits(101)``'s (13 bytes
+    of ``os.urandom``, shifted) without its Python-level call, and the digits go
+    two at a time (8 pairs, then the top digit: 101 bits < 62**17)."""
+    n = int.from_bytes(os.urandom(13)) >> 3
     out = []
-    for _ in range(17):
-        n, r = divmod(n, 62)
-        out.append(_UID_ALPHABET[r])
-    return "C" + "".join(out)
+    for _ in range(8):
+        n, r = divmod(n, 3844)
+        out.append(_UID_PAIRS[r])
+    return "C" + "".join(out) + _UID_ALPHABET[n]
 
 
 @dataclass(slots=True)
@@ -199,12 +208,13 @@ def tls_record(
 
 
 _VERSION_ORDER = ("SSLv3", "TLSv1", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+_VERSION_RANK = {v: i for i, v in enumerate(_VERSION_ORDER)}
 
 
 def highest_version(versions: Sequence[str]) -> str | None:
-    known = [v for v in versions if v in _VERSION_ORDER]
+    known = [v for v in versions if v in _VERSION_RANK]
     if known:
-        return max(known, key=_VERSION_ORDER.index)
+        return max(known, key=_VERSION_RANK.__getitem__)
     return versions[0] if versions else None
 
 

@@ -20,10 +20,13 @@ the relay. Half-close is passed on (RFC 9293 3.6: after one side's FIN the
 other direction may still be sending); a reset or error on either side ends
 both.
 
-Where the socket relay cannot take over (a side already closed, no
-descriptors left for the duplicates), the transports relay: ``data_received``
-writes straight to the other socket, and flow control is the transports' own
-(``pause_writing`` on one side pauses reading on the other).
+A connection starts on the transports' own relay: ``data_received`` writes
+straight to the other socket, and flow control is the transports' own
+(``pause_writing`` on one side pauses reading on the other). Once a side has
+received ``RELAY_AFTER`` bytes, the socket relay takes over (the transports
+first send what they hold); a short connection (a TLS handshake and a page)
+never pays for setting it up. Where the socket relay cannot take over (a side
+already closed, no descriptors left for the duplicates), the transports go on.
 
 Must not: parse or decide anything; it counts bytes (``bytes_in``) and nothing else.
 """
@@ -47,6 +50,21 @@ PIPE_BYTES = 256 * 1024
 of the readiness callbacks and syscalls of the default 64 KiB. Pipe pages are
 only taken while bytes are in flight. Capped by ``/proc/sys/fs/pipe-max-size``
 (1 MiB by default); a smaller grant still works."""
+
+RELAY_AFTER = 256 * 1024
+"""Bytes a side receives on the transports' relay before the socket relay takes over.
+Setting the socket relay up and down costs a connection two duplicate descriptors
+and socket objects, four readiness registrations (three ``epoll_ctl`` and an
+``ioctl`` each with uvloop) and the syscalls asking where the ends are, about 24
+of the 69 syscalls of a TLS passthrough connection (a handshake and a 1 KB page,
+benchmarks/bench_proxy.py). Starting on the transports, such a connection cost
+the proxy 0.66-0.75 against 0.74-0.90 ms of CPU (medians of 5 and 6 rounds
+alternating with the socket relay from the start). Past this a connection is a
+transfer, where the socket relay moves bytes for less (no ``bytes`` object a
+read; ``splice(2)`` between two other hosts)."""
+
+_NEVER = 1 << 62
+"""``Side.relay_after`` when no socket relay is to take over."""
 
 SPLICE_AFTER = 256 * 1024
 """Bytes a spliced direction copies before it opens its pipe. A pipe costs two
@@ -83,6 +101,10 @@ class Side(asyncio.Protocol):
         """Set by the transport relay: received bytes go straight to the peer's socket."""
         self.relay: SocketRelay | None = None
         """Set by the socket relay while it carries this socket's bytes."""
+        self.joined: _Joined | None = None
+        """Set by ``splice`` while the transports relay: how their relay ends."""
+        self.relay_after = _NEVER
+        """``bytes_in`` at which the socket relay is to take over from the transports."""
 
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -101,6 +123,8 @@ class Side(asyncio.Protocol):
         if peer is not None:
             if peer.transport is not None and not peer.lost:
                 peer.transport.write(data)
+            if self.bytes_in >= self.relay_after and self.joined is not None:
+                self.joined.end(hand_over=True)
             return
         self.buf += data
         if len(self.buf) > READ_HIGH_WATER and not self._read_paused and self.transport:
@@ -125,7 +149,10 @@ class Side(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if isinstance(exc, ConnectionResetError):
+        if isinstance(exc, OSError):
+            # A reset, or a write the peer refused (EPIPE): the socket relay's "a reset
+            # or any socket error" (``SocketRelay.fail``), so that the transports' relay
+            # of a short connection reports the same close reason.
             self.reset = True
         self.eof = self.lost = True
         self._wake()
@@ -133,6 +160,8 @@ class Side(asyncio.Protocol):
             self._drain.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
+        if self.joined is not None:
+            self.joined.end(hand_over=False)
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.lost:
             peer.transport.close()
@@ -239,49 +268,112 @@ class Side(asyncio.Protocol):
 # -- the relay ---------------------------------------------------------------------
 
 
-def splice(a: Side, b: Side, mode: RelayMode = "auto") -> None:
+def splice(a: Side, b: Side, mode: RelayMode = "auto", *, after: int | None = None) -> None:
     """Join two sides: from now on each one's bytes go to the other (``spliced`` runs it).
 
     Bytes already buffered for a reader are forwarded first, and an EOF already
-    seen is passed on, so nothing read during sniffing is lost. The socket relay
-    (spliced or copied as ``mode`` says) takes over when it can; else the
-    transports forward (module docstring).
+    seen is passed on, so nothing read during sniffing is lost. The transports
+    relay until a side has received ``after`` bytes; then the socket relay
+    (spliced or copied as ``mode`` says) takes over when it can (module
+    docstring). ``after`` defaults to ``RELAY_AFTER``; 0: the socket relay from the start.
     """
-    if not a.lost and not b.lost:
-        try:
-            a.relay = b.relay = SocketRelay(a, b, mode)
-            return
-        except OSError:
-            pass  # out of descriptors for the duplicates: the transports can still relay
+    if after is None:
+        after = RELAY_AFTER
+    if after <= 0 and _socket_relay(a, b, mode):
+        return
+    _join(a, b, mode, after if after > 0 else _NEVER)
+
+
+def _join(a: Side, b: Side, mode: RelayMode, after: int) -> None:
+    """Start the transports' relay; the socket relay is to take over at ``after`` bytes."""
+    joined = _Joined(mode)
+    a.joined = b.joined = joined
+    a.relay_after = b.relay_after = after
     _transport_splice(a, b)
+    if a.lost or b.lost:
+        joined.end(hand_over=False)
+
+
+def _socket_relay(a: Side, b: Side, mode: RelayMode) -> bool:
+    """Start the socket relay between ``a`` and ``b``; False when it cannot take over."""
+    if a.lost or b.lost:
+        return False
+    try:
+        a.relay = b.relay = SocketRelay(a, b, mode)
+    except OSError:
+        return False  # out of descriptors for the duplicates: the transports can still relay
+    return True
+
+
+class _Joined:
+    """The transports' relay of two sides: over when a side is lost, or when one has
+    received its ``relay_after`` bytes (``hand_over``: the socket relay is to take over)."""
+
+    __slots__ = ("mode", "over", "hand_over")
+
+    def __init__(self, mode: RelayMode) -> None:
+        self.mode = mode
+        self.over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.hand_over = False
+
+    def end(self, *, hand_over: bool) -> None:
+        if not self.over.done():
+            self.hand_over = hand_over
+            self.over.set_result(None)
 
 
 async def spliced(a: Side, b: Side) -> None:
     """Run the relay between ``a`` and ``b`` until it is over; both sockets are then closed."""
+    joined = a.joined
+    if joined is not None:
+        await joined.over
+        if joined.hand_over:
+            _hand_over(a, b, joined.mode)
     relay = a.relay
-    if relay is not None:
-        try:
-            for s in (a, b):
-                await _flushed(s)
-            relay.start()
-            await relay.finished
-        finally:
-            # The relay's descriptors first; closing the transports then closes the
-            # connections. Their connection_lost comes later and nothing waits for it.
-            relay.stop()
-            a.relay = b.relay = None
-            a.close()
-            b.close()
+    if relay is None:
+        await _transports_closed(a, b)
         return
-    await asyncio.wait([a.closed, b.closed], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        for s in (a, b):
+            await _flushed(s)
+        relay.start()
+        await relay.finished
+    finally:
+        # The relay's descriptors first; closing the transports then closes the
+        # connections. Their connection_lost comes later and nothing waits for it.
+        relay.stop()
+        a.relay = b.relay = None
+        a.close()
+        b.close()
+
+
+def _hand_over(a: Side, b: Side, mode: RelayMode) -> None:
+    """Move a connection from the transports' relay to the socket relay, which sends
+    what the transports still hold first (``spliced``); where it cannot take over,
+    the transports relay on to the end."""
+    a.joined = b.joined = None
+    a.relay_after = b.relay_after = _NEVER
+    a.peer = b.peer = None  # nothing is read before the relay pauses both transports
+    if not _socket_relay(a, b, mode):
+        _join(a, b, mode, _NEVER)
+
+
+async def _transports_closed(a: Side, b: Side) -> None:
+    """End the transports' relay once it is over: close both sides, and wait until
+    both are closed (their ``connection_lost`` tells a reset from a close)."""
+    if a.joined is not None:
+        await a.joined.over
+    a.joined = b.joined = None
     a.close()
     b.close()
-    await asyncio.gather(a.closed, b.closed)
+    await a.closed
+    await b.closed
 
 
 async def _flushed(side: Side) -> None:
-    """Wait until the transport has sent what it holds (a CONNECT's 200, a 101 head):
-    the socket relay writes behind its back and must not overtake it."""
+    """Wait until the transport has sent what it holds (a CONNECT's 200, a 101 head,
+    what the transports' relay forwarded): the socket relay writes behind its back
+    and must not overtake it."""
     t = side.transport
     if t is None or side.lost or not t.get_write_buffer_size():
         return

@@ -1,9 +1,11 @@
 """The relay between two sockets (proxy/relay.py), over real loopback sockets.
 
 Each test runs against the three relays: the socket relay splicing
-(``splice(2)`` through pipes) and copying (through a buffer), and the
-transports' own, which takes over when the socket relay cannot (no descriptors
-left). A "client" connects to a listener whose accepted side is ``a``; ``b`` is
+(``splice(2)`` through pipes) and copying (through a buffer) from the start,
+the transports' own, which goes on when the socket relay cannot take over (no
+descriptors left), and the product's way, the transports handing over to the
+socket relay after ``RELAY_AFTER`` bytes (made small here, so that the bulk
+tests hand over in mid-transfer). A "client" connects to a listener whose accepted side is ``a``; ``b`` is
 a connection to an "origin"; the test drives both outer ends with asyncio streams.
 """
 
@@ -34,21 +36,31 @@ class Pair:
     origin: tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-@pytest.fixture(params=["splice", "copy", "transport"])
+HANDOVER_AFTER = 64 * 1024
+"""``RELAY_AFTER`` of the "handover" kind: less than the bulk tests send."""
+
+
+def out_of_descriptors(*args: object) -> None:
+    raise OSError(24, "Too many open files")
+
+
+@pytest.fixture(params=["splice", "copy", "transport", "handover"])
 def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "transport":
-        def out_of_descriptors(*args: object) -> None:
-            raise OSError(24, "Too many open files")
-
         monkeypatch.setattr(relay, "SocketRelay", out_of_descriptors)
-    elif request.param == "splice" and not hasattr(os, "splice"):
-        pytest.skip("no os.splice on this platform")
+    elif request.param == "handover":
+        monkeypatch.setattr(relay, "RELAY_AFTER", HANDOVER_AFTER)
+    else:
+        if request.param == "splice" and not hasattr(os, "splice"):
+            pytest.skip("no os.splice on this platform")
+        monkeypatch.setattr(relay, "RELAY_AFTER", 0)  # the socket relay from the start
     return str(request.param)
 
 
 def mode(kind: str) -> RelayMode:
-    """The mode that gives ``kind``: both peers are on this host, so "auto" would copy."""
-    return "splice" if kind == "splice" else "copy"
+    """The mode that gives ``kind``: both peers are on this host, so "auto" would copy.
+    A hand-over splices (copies where ``os.splice`` is missing)."""
+    return "splice" if kind in ("splice", "handover") else "copy"
 
 
 def flow_types(side: Side) -> list[type]:
@@ -99,7 +111,7 @@ async def test_bytes_arrive_identical_both_ways_and_are_counted(kind: str, conne
     p = await connect()
     up, down = os.urandom(3 << 20), os.urandom(5 << 20)
     splice(p.a, p.b, mode(kind))
-    assert (p.a.relay is not None) == (kind != "transport")
+    assert (p.a.relay is not None) == (kind in ("splice", "copy"))
     run = asyncio.ensure_future(spliced(p.a, p.b))
     async with asyncio.timeout(30):
         # Both directions at once, each ended with a FIN.
@@ -158,8 +170,7 @@ async def test_a_reset_ends_both_directions(kind: str, connect) -> None:  # type
         p.origin[1].transport.abort()  # RST
         await run
         assert await p.client[0].read() == b""  # the client's connection was closed too
-    if kind != "transport":
-        assert p.b.reset
+    assert p.b.reset
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice on this platform")
@@ -188,6 +199,59 @@ async def test_only_a_bulk_transfer_opens_a_grown_pipe(connect, monkeypatch) -> 
     assert len(opened) == 1
     assert relay.SPLICE_AFTER <= opened[0][0] < len(data)
     assert opened[0][1] >= relay.PIPE_DEFAULT_BYTES
+
+
+async def test_a_short_connection_stays_on_the_transports(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A handshake and a page never pay for the socket relay's duplicates and registrations."""
+    def never(*args: object) -> None:
+        raise AssertionError("the socket relay was set up")
+
+    monkeypatch.setattr(relay, "SocketRelay", never)
+    p = await connect()
+    splice(p.a, p.b, "auto")
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    request, page = os.urandom(2000), os.urandom(relay.RELAY_AFTER - 1)
+    async with asyncio.timeout(30):
+        got_up, got_down, *_ = await asyncio.gather(
+            p.origin[0].read(), p.client[0].read(),
+            _pump(p.client[1], request, eof=True), _pump(p.origin[1], page, eof=True))
+        await run
+    assert (got_up, got_down) == (request, page)
+    assert (p.a.bytes_in, p.b.bytes_in) == (len(request), len(page))
+    assert p.a.relay is None and p.a.joined is None and p.b.joined is None
+
+
+async def test_the_socket_relay_takes_over_after_relay_after_bytes(connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Once a side has received ``RELAY_AFTER`` bytes the socket relay carries the rest,
+    after what the transports still held, in order and counted."""
+    started: list[tuple[int, int]] = []
+    real = relay.SocketRelay
+
+    def spy(a: Side, b: Side, mode_: RelayMode) -> relay.SocketRelay:
+        started.append((a.bytes_in, b.bytes_in))
+        return real(a, b, mode_)
+
+    monkeypatch.setattr(relay, "SocketRelay", spy)
+    p = await connect()
+    splice(p.a, p.b, "copy")
+    assert p.a.relay is None
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    request, first, rest = os.urandom(3000), os.urandom(2 * relay.RELAY_AFTER), os.urandom(6 * relay.RELAY_AFTER)
+    async with asyncio.timeout(30):
+        got = asyncio.gather(p.origin[0].read(), p.client[0].read())
+        await _pump(p.client[1], request, eof=True)
+        await _pump(p.origin[1], first, eof=False)
+        for _ in range(1000):  # bounded: the hand-over comes within a few turns of the loop
+            if p.a.relay is not None:
+                break
+            await asyncio.sleep(0.005)
+        assert p.a.relay is not None  # the rest goes through the socket relay
+        await _pump(p.origin[1], rest, eof=True)
+        got_up, got_down = await got
+        await run
+    assert (got_up, got_down) == (request, first + rest)
+    assert (p.a.bytes_in, p.b.bytes_in) == (len(request), len(first) + len(rest))
+    assert len(started) == 1 and relay.RELAY_AFTER <= started[0][1] <= len(first)
 
 
 async def test_bytes_the_transport_still_holds_go_out_before_the_relay(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
@@ -245,8 +309,7 @@ async def test_a_failed_write_resets_and_ends_both(kind: str, connect) -> None: 
                 await asyncio.sleep(0.01)
         await run
         assert await p.origin[0].read() == b""  # the origin's connection was closed too
-    if kind != "transport":
-        assert p.a.reset
+    assert p.a.reset
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice on this platform")
@@ -258,7 +321,7 @@ async def test_auto_splices_only_between_two_other_hosts(local_ends: int, flow: 
     local = [p.a, p.b][:local_ends]
     ports = {s.transport.get_extra_info("peername")[1] for s in local if s.transport is not None}
     monkeypatch.setattr(relay, "_on_this_host", lambda sock: sock.getpeername()[1] in ports)
-    splice(p.a, p.b)  # mode "auto"
+    splice(p.a, p.b, after=0)  # mode "auto", the socket relay from the start
     assert flow_types(p.a) == [getattr(relay, flow)] * 2
     run = asyncio.ensure_future(spliced(p.a, p.b))
     up, down = os.urandom(1 << 20), os.urandom(1 << 20)
@@ -306,7 +369,7 @@ async def test_copying_relays_share_one_buffer_without_mixing_bytes(connect) -> 
     data = [os.urandom(4 << 20) for _ in pairs]
     runs = []
     for p in pairs:
-        splice(p.a, p.b, "copy")
+        splice(p.a, p.b, "copy", after=0)
         assert p.a.relay is not None and p.a.relay.flows[0].buf is pairs[0].a.relay.flows[0].buf
         runs.append(asyncio.ensure_future(spliced(p.a, p.b)))
     async with asyncio.timeout(60):
@@ -325,7 +388,7 @@ async def test_splice_without_descriptors_for_a_pipe_keeps_copying(connect, monk
 
     p = await connect()
     monkeypatch.setattr(os, "pipe2", no_pipe)
-    splice(p.a, p.b, "splice")
+    splice(p.a, p.b, "splice", after=0)
     assert flow_types(p.a) == [relay._SpliceFlow, relay._SpliceFlow]
     assert p.a.relay is not None
     down = p.a.relay.flows[1]
