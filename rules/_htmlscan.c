@@ -950,6 +950,8 @@ static PyObject *scanner_feed(Scanner *s, PyObject *args) {
     f.in_run = s->in_run;
     f.ni_out = -1;
     s->out.len = 0;
+    /* the output is rarely longer than the input: one allocation, not a doubling series */
+    if (buf_reserve(&s->out, ok + s->held_out_len + 64) < 0) goto done;
     if (s->held_in_len) { /* the text held back last time comes first */
         f.ni_out = 0;
         f.ni_hold = 1;

@@ -270,24 +270,24 @@ class Html:
             if bom(data[:3]) is not None:  # TextDecoder takes it from the start
                 return self._hand_over(data, final, None)
             self._bom_checked = True
-        held = self._window
-        held += data
-        found = NOT_ASCII.search(held)
-        start = len(held) if found is None else found.start()
-        if not final and not window_ready(len(held) - start if found else 0, self._charset, True,
+        if self._window:  # a body in several pieces; a page in one is not copied
+            self._window += data
+            data, self._window = bytes(self._window), bytearray()
+        found = NOT_ASCII.search(data)
+        start = len(data) if found is None else found.start()
+        if not final and not window_ready(len(data) - start if found else 0, self._charset, True,
                                           len(self._prefix), self._sniff_bytes):
             if start <= self._sniff_bytes:
-                return []  # small so far: one scanner call for all of it later
+                self._window += data  # small so far: one scanner call for all of it later
+                return []
             # A long ASCII start reads the same in every candidate: on to the scanner, so
             # that what is held stays bounded by the sniff window.
-            ascii_part, rest = bytes(held[:start]), bytes(held[start:])
-            held.clear()
-            events = self._compiled(ascii_part, False)
+            events = self._compiled(data[:start], False)
             if self._scan is None:  # handed over: the Python path takes the rest too
-                return events + self._python_feed(rest)
-            held += rest
+                return events + self._python_feed(data[start:])
+            self._window += data[start:]
             return events
-        whole, self._window = bytes(held), bytearray()
+        whole = data
         if found is None:
             return self._compiled(whole, final)
         if self._declared_utf8:
