@@ -24,14 +24,14 @@ Rules kept here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rules.containers import RUN_BREAK, Normalized
 from rules.decode import BodyDecoder, Break, DecodeLimits, Text
 from rules.domains import DomainMatcher
-from rules.matcher import KeywordMatcher, KeywordStream
+from rules.matcher import KeywordMatcher, KeywordStream, char_offsets
 from rules.normalize import Normalizer
 from rules.ruleset import KeywordRule, PhraseRule, RuleSet, load_ruleset
 from rules.target import host_of, idna_text, target_runs
@@ -360,21 +360,46 @@ class _RunScanner:
         self._matched_in(norm, self._stream.feed(norm), wheres)
 
     def _scan_utf8(self, data: bytes, chars: int) -> None:
-        """``_scan`` of normalised UTF-8: decoded only for a hit's snippet and the tail."""
+        """``_scan`` of normalised UTF-8, decoded only around a hit (its snippet) and for
+        the tail: a page holds ~50k characters, a snippet 48."""
         if self._stream is None:
             self._stream = self._engine.keywords.stream()
-        hits = self._stream.feed_utf8(data, chars)
-        if hits or chars < SNIPPET_TAIL:
-            self._matched_in(data.decode("utf-8"), hits, [(0, self._where)])
+        hits = self._stream.feed_utf8_ends(data, chars)
+        lengths = self._engine.keywords.pattern_bytes
+        if chars < SNIPPET_TAIL or any(end < lengths[index] for index, end in hits):
+            # Short, or a match that began in an earlier piece: the characters way.
+            ends = char_offsets(data, [end for _, end in hits])
+            self._matched_in(data.decode("utf-8"),
+                             [(index, self._fed + c) for (index, _), c in zip(hits, ends)],
+                             [(0, self._where)])
             return
+        for index, end in hits:
+            if index not in self._matched:
+                start = end - lengths[index]
+                self._hit(index, self._where, lambda: self._snippet_utf8(data, start, end))
         # The last SNIPPET_TAIL characters: at most 4 bytes each, cut at a character start.
         piece = data[-4 * SNIPPET_TAIL:]
-        start = 0
-        while 0x80 <= piece[start] < 0xC0:
-            start += 1
+        cut = 0
+        while 0x80 <= piece[cut] < 0xC0:
+            cut += 1
         self._fed += chars
-        self._tail = piece[start:].decode("utf-8")[-SNIPPET_TAIL:]
+        self._tail = piece[cut:].decode("utf-8")[-SNIPPET_TAIL:]
         self._tail_start = self._fed + 1 - len(self._tail)
+
+    def _snippet_utf8(self, data: bytes, start: int, end: int) -> str:
+        """``_snippet`` of a match at ``data[start:end]``: the same characters, decoded
+        from at most 4 bytes a character on either side."""
+        reach = 4 * SNIPPET_CHARS
+        lo = max(0, start - reach)
+        while lo and 0x80 <= data[lo] < 0xC0:
+            lo += 1
+        before = data[lo:start].decode("utf-8")
+        if lo == 0 and len(before) < SNIPPET_CHARS:
+            before = self._tail + before  # the characters before this piece
+        before = before[-SNIPPET_CHARS:].rpartition(RUN_BREAK)[2]
+        # "ignore" drops only a character cut at the window's end (the text is valid).
+        after = data[end:end + reach].decode("utf-8", "ignore")[:SNIPPET_CHARS]
+        return before + data[start:end].decode("utf-8") + after.partition(RUN_BREAK)[0]
 
     def _matched_in(self, norm: str, hits: list[tuple[int, int]],
                     wheres: list[tuple[int, str]]) -> None:
@@ -383,23 +408,23 @@ class _RunScanner:
         matched = self._matched
         for index, end in hits:
             if index not in matched:
-                self._hit(index, end, buf, _where_at(wheres, end - 1 - base))
+                self._hit(index, _where_at(wheres, end - 1 - base),
+                          lambda: self._snippet(index, end, buf))
         self._fed += len(norm)
         cut = max(0, len(buf) - SNIPPET_TAIL)
         self._tail_start += cut
         self._tail = buf[cut:]
 
-    def _hit(self, index: int, end: int, buf: str, where: str) -> None:
+    def _hit(self, index: int, where: str, snippet: Callable[[], str]) -> None:
         rule = self._engine.keywords.rules[index]
         phrases = self._phrases
         if phrases is not None and index >= phrases.table.base:
             if index - phrases.table.base not in phrases.seen:
-                phrases.part(index - phrases.table.base, where, self._snippet(index, end, buf),
-                             self.matches)
+                phrases.part(index - phrases.table.base, where, snippet(), self.matches)
             return
         self._matched.add(index)
         self.matches.append(Match(rule.id, rule.category, "keyword", rule.keyword, rule.action,
-                                  where, self._snippet(index, end, buf)))
+                                  where, snippet()))
 
     def _snippet(self, index: int, end: int, buf: str) -> str:
         rel_end = end + 1 - self._tail_start

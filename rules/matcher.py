@@ -41,7 +41,7 @@ def available_backends() -> list[str]:
     return (["hyperscan"] if _hs is not None else []) + ["aho"]
 
 
-def _char_offsets(data: bytes, ends: Sequence[int]) -> list[int]:
+def char_offsets(data: bytes, ends: Sequence[int]) -> list[int]:
     """Character offsets of sorted byte offsets ``ends`` into UTF-8 ``data``.
 
     Decodes each stretch between consecutive offsets once: O(len(data)) for all.
@@ -93,6 +93,8 @@ class KeywordMatcher:
             else:
                 self._pattern_rules[j] = (*self._pattern_rules[j], i)
         self.max_bytes = max((len(b) for b in self._unique), default=0)
+        self.pattern_bytes = [len(self._unique[ids[p]]) for p in self.patterns]
+        """UTF-8 length of each rule's pattern."""
         self.backend = backend
         self._hs_db = None
         self._aho = None
@@ -150,12 +152,19 @@ class KeywordMatcher:
         if not raw:
             return []
         raw.sort()
-        offs = _char_offsets(data, [e - base_bytes for e, _ in raw])
+        offs = char_offsets(data, [e - base_bytes for e, _ in raw])
         out: list[tuple[int, int]] = []
         for (_, pid), c in zip(raw, offs):
             end = base_chars + c
             for ri in self._pattern_rules[pid]:
                 out.append((ri, end))
+        out.sort(key=lambda m: (m[1], m[0]))
+        return out
+
+    def _expand_bytes(self, raw: list[tuple[int, int]], base_bytes: int) -> list[tuple[int, int]]:
+        """(byte end, pattern id) → sorted (rule index, byte end - ``base_bytes``)."""
+        raw.sort()
+        out = [(ri, e - base_bytes) for e, pid in raw for ri in self._pattern_rules[pid]]
         out.sort(key=lambda m: (m[1], m[0]))
         return out
 
@@ -172,12 +181,31 @@ class KeywordStream:
     """Matches over one text run fed in pieces. ``feed`` returns the matches that end
     in the piece; ``reset`` starts a new run (offsets restart at 0)."""
 
+    _m: KeywordMatcher
+    _bytes: int
+    _chars: int
+
     def feed(self, normalized_text: str) -> list[tuple[int, int]]:
-        raise NotImplementedError
+        """(rule index, end offset in characters from the stream's start) of each match."""
+        return self.feed_utf8(normalized_text.encode("utf-8", "surrogatepass"),
+                              len(normalized_text))
 
     def feed_utf8(self, data: bytes, chars: int) -> list[tuple[int, int]]:
         """``feed`` of normalised text given as UTF-8 (``chars`` characters long)."""
-        return self.feed(data.decode("utf-8", "surrogatepass"))
+        base_b, base_c = self._bytes, self._chars
+        raw = self._raw(data, chars)
+        return self._m._expand(raw, data, base_b, base_c) if raw else []
+
+    def feed_utf8_ends(self, data: bytes, chars: int) -> list[tuple[int, int]]:
+        """``feed_utf8``, each match's end given as a byte offset into ``data`` (no
+        character counting: the caller decodes only what it needs)."""
+        base_b = self._bytes
+        raw = self._raw(data, chars)
+        return self._m._expand_bytes(raw, base_b) if raw else []
+
+    def _raw(self, data: bytes, chars: int) -> list[tuple[int, int]]:
+        """(byte end from the stream's start, pattern id) of the matches ending in ``data``."""
+        raise NotImplementedError
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -210,24 +238,19 @@ class _HsStream(KeywordStream):
         self._stream = st
         return st
 
-    def feed(self, normalized_text: str) -> list[tuple[int, int]]:
-        return self.feed_utf8(normalized_text.encode("utf-8", "surrogatepass"),
-                              len(normalized_text))
-
-    def feed_utf8(self, data: bytes, chars: int) -> list[tuple[int, int]]:
+    def _raw(self, data: bytes, chars: int) -> list[tuple[int, int]]:
         if not data:
             return []
         st = self._stream or self._open()
         hits = self._hits
         st.scan(data, scratch=self._m._scratch(), match_event_handler=_collect, context=hits)
-        base_b, base_c = self._bytes, self._chars
         self._bytes += len(data)
         self._chars += chars
         if not hits:
             return []
         raw = hits[:]
         hits.clear()
-        return self._m._expand(raw, data, base_b, base_c)
+        return raw
 
     def reset(self) -> None:
         self.close()
@@ -255,25 +278,22 @@ class _AhoStream(KeywordStream):
         self._bytes = 0
         self._chars = 0
 
-    def feed(self, normalized_text: str) -> list[tuple[int, int]]:
+    def _raw(self, data: bytes, chars: int) -> list[tuple[int, int]]:
         m = self._m
-        if not normalized_text or m._aho is None:
-            self._chars += len(normalized_text)
+        base_b = self._bytes
+        self._bytes += len(data)
+        self._chars += chars
+        if not data or m._aho is None:
             return []
-        data = normalized_text.encode("utf-8", "surrogatepass")
         tail = self._tail
         buf = tail + data if tail else data
-        base_b, base_c = self._bytes, self._chars
-        self._bytes += len(data)
-        self._chars += len(normalized_text)
         keep = m.max_bytes - 1
         self._tail = buf[-keep:] if keep > 0 else b""
         lt = len(tail)
         # iter() yields the index of the last character of each match, inclusive.
-        raw = [(base_b + (end + 1 - lt), pid)
-               for end, (pid, _n) in m._aho.iter(buf.decode("latin-1"))
-               if end >= lt]
-        return m._expand(raw, data, base_b, base_c)
+        return [(base_b + (end + 1 - lt), pid)
+                for end, (pid, _n) in m._aho.iter(buf.decode("latin-1"))
+                if end >= lt]
 
     def reset(self) -> None:
         self._tail = b""

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import rules.htmlscan as htmlscan
 from rules.containers import Break, Html, Normalized, Text
+from rules.decode import DecodeLimits
 from rules.engine import Engine
 from rules.normalize import Normalizer
 from rules.ruleset import Category, KeywordRule, RuleSet
@@ -176,3 +177,62 @@ def test_gbk_after_a_long_ascii_start_is_handed_over() -> None:
     chunks = [page[i:i + 4096] for i in range(0, len(page), 4096)]
     compiled, python = stream(chunks, None, True), stream(chunks, None, False)
     assert compiled == python and "六合彩" in compiled[0]
+
+
+def _engine(keywords: list[str], **limits: int) -> Engine:
+    rules = [KeywordRule(id=f"K{i}", category="c", keyword=k, action="block", flags=frozenset())
+             for i, k in enumerate(keywords)]
+    return Engine.compile(RuleSet(name="t", version=1, categories={"c": Category("block")},
+                                  keywords=rules, domains=[], urls=[]),
+                          limits=DecodeLimits(**limits))
+
+
+_SNIPPET_KEYWORDS = ["六合彩", "代开发票", "ghb", "彩票", "一二三四五六七八九十"]
+_SNIPPET_ENGINE = _engine(_SNIPPET_KEYWORDS)
+_SMALL_WINDOW_ENGINE = _engine(_SNIPPET_KEYWORDS, sniff_bytes=64)
+"""Chooses the charset after 64 bytes: every later piece is scanned on its own, so
+matches and snippets cross pieces."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(st.sampled_from(["六合彩", "代開發票", "ＧＨＢ", "彩票", "文字", "新闻", "<p>",
+                                       "</p>", "<b>", "x", " ", "，", "一二三四五六七八九十",
+                                       "好" * 40, "ab" * 30]), min_size=20, max_size=120),
+       cuts=st.lists(st.integers(0, 5000), max_size=4),
+       engine=st.sampled_from([_SNIPPET_ENGINE, _SMALL_WINDOW_ENGINE]))
+def test_snippets_from_utf8_equal_the_character_path(words: list[str], cuts: list[int],
+                                                     engine: Engine) -> None:
+    # Pages long enough for the UTF-8 snippet path (over SNIPPET_TAIL characters), hits
+    # near both ends and across pieces (which take the character path).
+    page = "".join(words).encode()
+    bounds = sorted({c % (len(page) + 1) for c in cuts})
+    pieces = [page[a:b] for a, b in zip([0, *bounds], [*bounds, len(page)])]
+    headers = [(b"content-type", b"text/html; charset=utf-8")]
+    verdicts = []
+    for compiled in (True, False):
+        htmlscan.ENABLED = compiled
+        try:
+            scan = engine.response_scanner(200, headers)
+            for piece in pieces:
+                scan.feed(piece)
+            verdicts.append(scan.finish())
+        finally:
+            htmlscan.ENABLED = True
+    assert verdicts[0] == verdicts[1]
+
+
+def test_snippet_reaches_back_into_the_previous_piece() -> None:
+    # The first piece is past the sniff window (16 KiB), so it is scanned on its own.
+    pieces = [("<p>" + "好" * 6000).encode(), ("六合彩" + "文" * 300 + "</p>").encode()]
+    headers = [(b"content-type", b"text/html; charset=utf-8")]
+    snippets = []
+    for compiled in (True, False):
+        htmlscan.ENABLED = compiled
+        try:
+            scan = _SNIPPET_ENGINE.response_scanner(200, headers)
+            for piece in pieces:
+                scan.feed(piece)
+            snippets.append(scan.finish().matches[0].snippet)
+        finally:
+            htmlscan.ENABLED = True
+    assert snippets[0] == snippets[1] == "好" * 24 + "六合彩" + "文" * 24
