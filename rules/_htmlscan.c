@@ -41,17 +41,44 @@
 typedef struct {
     char *p;
     Py_ssize_t len, cap;
+    PyObject *bytes; /* when set, p is this bytes object's buffer (the feed's result) */
 } Buf;
 
 static int buf_reserve(Buf *b, Py_ssize_t extra) {
     if (b->len + extra <= b->cap) return 0;
     Py_ssize_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + extra) cap *= 2;
+    if (b->bytes) {
+        if (_PyBytes_Resize(&b->bytes, cap) < 0) { b->p = NULL; b->len = b->cap = 0; return -1; }
+        b->p = PyBytes_AS_STRING(b->bytes);
+        b->cap = cap;
+        return 0;
+    }
     char *p = PyMem_Realloc(b->p, (size_t)cap);
     if (!p) { PyErr_NoMemory(); return -1; }
     b->p = p;
     b->cap = cap;
     return 0;
+}
+
+/* A buffer written straight into a new bytes object: the result needs no copy. */
+static int buf_bytes(Buf *b, Py_ssize_t cap) {
+    b->bytes = PyBytes_FromStringAndSize(NULL, cap);
+    if (!b->bytes) return -1;
+    b->p = PyBytes_AS_STRING(b->bytes);
+    b->len = 0;
+    b->cap = cap;
+    return 0;
+}
+
+/* The bytes object, cut to what was written (NULL on failure); the buffer is emptied. */
+static PyObject *buf_take_bytes(Buf *b) {
+    PyObject *out = b->bytes;
+    b->bytes = NULL;
+    b->p = NULL;
+    if (out && _PyBytes_Resize(&out, b->len) < 0) out = NULL;
+    b->len = b->cap = 0;
+    return out;
 }
 
 /* memcpy for the short pieces between tags (most are under 32 bytes), without a call:
@@ -85,7 +112,8 @@ static inline int buf_put(Buf *b, const char *s, Py_ssize_t n) {
 }
 
 static void buf_free(Buf *b) {
-    PyMem_Free(b->p);
+    if (b->bytes) Py_CLEAR(b->bytes);
+    else PyMem_Free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
 }
@@ -123,7 +151,7 @@ typedef struct {
     int pending_len;
     Py_ssize_t chars;   /* characters in the last output */
     /* scratch */
-    Buf in, out;
+    Buf in;
 } Scanner;
 
 /* One feed's changing state, committed only when the feed succeeds. */
@@ -909,6 +937,7 @@ static PyObject *scanner_feed(Scanner *s, PyObject *args) {
     const unsigned char *d = data.buf;
     Py_ssize_t dn = data.len;
     PyObject *result = NULL;
+    Buf out = {0}; /* this feed's output: a bytes object written in place */
 
     /* An unfinished tag cannot end without ">": append, do not re-scan. */
     if (s->carry_is_tag && !final && !memchr(d, '>', (size_t)dn)) {
@@ -945,13 +974,12 @@ static PyObject *scanner_feed(Scanner *s, PyObject *args) {
     Feed f;
     memset(&f, 0, sizeof f);
     f.s = s;
-    f.out = &s->out;
+    f.out = &out;
     f.state = s->state;
     f.in_run = s->in_run;
     f.ni_out = -1;
-    s->out.len = 0;
-    /* the output is rarely longer than the input: one allocation, not a doubling series */
-    if (buf_reserve(&s->out, ok + s->held_out_len + 64) < 0) goto done;
+    /* the output is rarely longer than the input: one allocation, and the result itself */
+    if (buf_bytes(&out, ok + s->held_out_len + 64) < 0) goto done;
     if (s->held_in_len) { /* the text held back last time comes first */
         f.ni_out = 0;
         f.ni_hold = 1;
@@ -959,12 +987,12 @@ static PyObject *scanner_feed(Scanner *s, PyObject *args) {
         memcpy(f.held_in, s->held_in, (size_t)s->held_in_len);
         f.held_in_len = s->held_in_len;
         f.in_run = 1;
-        if (buf_put(&s->out, s->held_out, s->held_out_len) < 0) goto done;
+        if (buf_put(&out, s->held_out, s->held_out_len) < 0) goto done;
         for (int i = 0; i < s->held_out_len; i++) f.chars += ((unsigned char)s->held_out[i] & 0xC0) != 0x80;
     }
     if (tokenize(&f, in, ok, final) < 0) goto done;
     if (f.invalid) { result = PyLong_FromLong(-1); goto done; }
-    if (holds(&f, final) && s->out.len - f.ni_out > (Py_ssize_t)sizeof(s->held_out)) f.bail = 1;
+    if (holds(&f, final) && out.len - f.ni_out > (Py_ssize_t)sizeof(s->held_out)) f.bail = 1;
     if (f.bail) { result = Py_NewRef(Py_None); goto done; }
     /* carry = in[carry_from:ok], copied before anything is committed (in may be s->in) */
     Buf carry = {0};
@@ -977,8 +1005,9 @@ static PyObject *scanner_feed(Scanner *s, PyObject *args) {
     s->carry_is_tag = f.carry_is_tag;
     memcpy(s->pending, pend, (size_t)inc);
     s->pending_len = inc;
-    result = PyBytes_FromStringAndSize(s->out.p, s->out.len);
+    result = buf_take_bytes(&out);
 done:
+    buf_free(&out);
     PyBuffer_Release(&data);
     return result;
 }
@@ -1143,7 +1172,6 @@ static void scanner_dealloc(Scanner *s) {
     Py_XDECREF(s->plain_obj);
     buf_free(&s->carry);
     buf_free(&s->in);
-    buf_free(&s->out);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
