@@ -162,6 +162,12 @@ class BodyDecoder:
         return found
 
     @property
+    def error_count(self) -> int:
+        """``len(errors)`` without building the list (asked after every piece)."""
+        container = self._container
+        return len(self._coding.errors) + (len(container.errors) if container is not None else 0)
+
+    @property
     def media_type(self) -> str:
         """The media type used to choose the reader (sniffed when there was none)."""
         return self._mime

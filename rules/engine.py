@@ -268,7 +268,7 @@ class BodyScan:
         # Most feeds change nothing: reuse the last Verdict rather than build one per piece.
         v, d = self._verdict, self._decoder
         if (len(v.matches) != len(self._runs.matches) or v.truncated != d.truncated
-                or len(v.errors) != len(d.errors)):
+                or len(v.errors) != d.error_count):
             self._verdict = self._engine._verdict(
                 self._runs.matches, truncated=d.truncated, errors=d.errors)
         return self._verdict
