@@ -107,20 +107,25 @@ async def _pump(writer: asyncio.StreamWriter, data: bytes, *, eof: bool) -> None
         writer.write_eof()
 
 
+async def _relay_both_ways(p, up: bytes, down: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Run ``p``'s relay while ``up`` goes client → origin and ``down`` back at once, each
+    ended with a FIN; both arrive whole and are counted."""
+    run = asyncio.ensure_future(spliced(p.a, p.b))
+    async with asyncio.timeout(30):
+        got_up, got_down, *_ = await asyncio.gather(
+            p.origin[0].read(), p.client[0].read(),
+            _pump(p.client[1], up, eof=True), _pump(p.origin[1], down, eof=True))
+        await run
+    assert (got_up, got_down) == (up, down)
+    assert (p.a.bytes_in, p.b.bytes_in) == (len(up), len(down))
+
+
 async def test_bytes_arrive_identical_both_ways_and_are_counted(kind: str, connect) -> None:  # type: ignore[no-untyped-def]
     p = await connect()
     up, down = os.urandom(3 << 20), os.urandom(5 << 20)
     splice(p.a, p.b, mode(kind))
     assert (p.a.relay is not None) == (kind in ("splice", "copy"))
-    run = asyncio.ensure_future(spliced(p.a, p.b))
-    async with asyncio.timeout(30):
-        # Both directions at once, each ended with a FIN.
-        got_up, got_down, *_ = await asyncio.gather(
-            p.origin[0].read(), p.client[0].read(),
-            _pump(p.client[1], up, eof=True), _pump(p.origin[1], down, eof=True))
-        await run
-    assert got_up == up and got_down == down
-    assert (p.a.bytes_in, p.b.bytes_in) == (len(up), len(down))
+    await _relay_both_ways(p, up, down)
     assert not p.a.reset and not p.b.reset
 
 
@@ -209,15 +214,7 @@ async def test_a_short_connection_stays_on_the_transports(connect, monkeypatch) 
     monkeypatch.setattr(relay, "SocketRelay", never)
     p = await connect()
     splice(p.a, p.b, "auto")
-    run = asyncio.ensure_future(spliced(p.a, p.b))
-    request, page = os.urandom(2000), os.urandom(relay.RELAY_AFTER - 1)
-    async with asyncio.timeout(30):
-        got_up, got_down, *_ = await asyncio.gather(
-            p.origin[0].read(), p.client[0].read(),
-            _pump(p.client[1], request, eof=True), _pump(p.origin[1], page, eof=True))
-        await run
-    assert (got_up, got_down) == (request, page)
-    assert (p.a.bytes_in, p.b.bytes_in) == (len(request), len(page))
+    await _relay_both_ways(p, os.urandom(2000), os.urandom(relay.RELAY_AFTER - 1))
     assert p.a.relay is None and p.a.joined is None and p.b.joined is None
 
 
@@ -323,15 +320,7 @@ async def test_auto_splices_only_between_two_other_hosts(local_ends: int, flow: 
     monkeypatch.setattr(relay, "_on_this_host", lambda sock: sock.getpeername()[1] in ports)
     splice(p.a, p.b, after=0)  # mode "auto", the socket relay from the start
     assert flow_types(p.a) == [getattr(relay, flow)] * 2
-    run = asyncio.ensure_future(spliced(p.a, p.b))
-    up, down = os.urandom(1 << 20), os.urandom(1 << 20)
-    async with asyncio.timeout(30):
-        got_up, got_down, *_ = await asyncio.gather(
-            p.origin[0].read(), p.client[0].read(),
-            _pump(p.client[1], up, eof=True), _pump(p.origin[1], down, eof=True))
-        await run
-    assert (got_up, got_down) == (up, down)
-    assert (p.a.bytes_in, p.b.bytes_in) == (len(up), len(down))
+    await _relay_both_ways(p, os.urandom(1 << 20), os.urandom(1 << 20))
 
 
 async def test_this_host_is_loopback_or_our_own_address() -> None:

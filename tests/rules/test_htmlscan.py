@@ -20,6 +20,7 @@ from rules.decode import DecodeLimits
 from rules.engine import Engine
 from rules.normalize import Normalizer
 from rules.ruleset import Category, KeywordRule, RuleSet
+from rules.verdict import Verdict
 
 pytestmark = pytest.mark.skipif(not htmlscan.ENABLED, reason="compiled scanner not built")
 
@@ -49,6 +50,25 @@ def stream(chunks: list[bytes], charset: str | None, compiled: bool) -> tuple[st
             out.append(norm.flush() + "\x00")
     out.append(norm.flush())
     return re.sub("\x00+", "\x00", "".join(out)).strip("\x00"), sorted(set(reader.errors))
+
+
+HTML_UTF8 = [(b"content-type", b"text/html; charset=utf-8")]
+
+
+def verdicts_both_ways(engine: Engine, pieces: list[bytes]) -> list[Verdict]:
+    """The Engine's verdict on a UTF-8 page fed in ``pieces``: compiled scanner, then
+    Python path."""
+    verdicts = []
+    for compiled in (True, False):
+        saved, htmlscan.ENABLED = htmlscan.ENABLED, compiled
+        try:
+            scan = engine.response_scanner(200, HTML_UTF8)
+            for piece in pieces:
+                scan.feed(piece)
+            verdicts.append(scan.finish())
+        finally:
+            htmlscan.ENABLED = saved
+    return verdicts
 
 
 PIECES = [
@@ -124,23 +144,28 @@ def test_input_it_leaves_alone_is_handed_over(tail: str) -> None:
     assert stream(chunks, "utf-8", True) == stream(chunks, "utf-8", False)
 
 
-def test_engine_verdicts_equal_on_both_paths() -> None:
+def _engine(keywords: list[str], **limits: int) -> Engine:
     rules = [KeywordRule(id=f"K{i}", category="c", keyword=k, action="block", flags=frozenset())
-             for i, k in enumerate(["六合彩", "代开发票", "ghb", "hello world"])]
-    engine = Engine.compile(RuleSet(name="t", version=1, categories={"c": Category("block")},
-                                    keywords=rules, domains=[], urls=[]))
+             for i, k in enumerate(keywords)]
+    return Engine.compile(RuleSet(name="t", version=1, categories={"c": Category("block")},
+                                  keywords=rules, domains=[], urls=[]),
+                          limits=DecodeLimits(**limits))
+
+
+_SNIPPET_KEYWORDS = ["六合彩", "代开发票", "ghb", "彩票", "一二三四五六七八九十"]
+_SNIPPET_ENGINE = _engine(_SNIPPET_KEYWORDS)
+_SMALL_WINDOW_ENGINE = _engine(_SNIPPET_KEYWORDS, sniff_bytes=64)
+"""Chooses the charset after 64 bytes: every later piece is scanned on its own, so
+matches and snippets cross pieces."""
+
+
+def test_engine_verdicts_equal_on_both_paths() -> None:
+    engine = _engine(["六合彩", "代开发票", "ghb", "hello world"])
     pages = [b"<p>\xe5\x85\xad<b>\xe5\x90\x88</b>\xe5\xbd\xa9</p>", "代開<i>發</i>票".encode(),
              "<div>ＧＨＢ</div>".encode(), b"<p>hello</p><p>world</p>", b"<p>hello <b>world</b>"]
-    headers = [(b"content-type", b"text/html; charset=utf-8")]
     for page in pages:
-        verdicts = []
-        for compiled in (True, False):
-            htmlscan.ENABLED = compiled
-            try:
-                verdicts.append(engine.http_response(200, headers, page))
-            finally:
-                htmlscan.ENABLED = True
-        assert verdicts[0] == verdicts[1], page
+        compiled, python = verdicts_both_ways(engine, [page])
+        assert compiled == python, page
 
 
 TRICKY = ("<p>a<!-- x --!> b<!-->c<!--->d<script>x</scrip</script >e<style>y</styles></style>f"
@@ -179,21 +204,6 @@ def test_gbk_after_a_long_ascii_start_is_handed_over() -> None:
     assert compiled == python and "六合彩" in compiled[0]
 
 
-def _engine(keywords: list[str], **limits: int) -> Engine:
-    rules = [KeywordRule(id=f"K{i}", category="c", keyword=k, action="block", flags=frozenset())
-             for i, k in enumerate(keywords)]
-    return Engine.compile(RuleSet(name="t", version=1, categories={"c": Category("block")},
-                                  keywords=rules, domains=[], urls=[]),
-                          limits=DecodeLimits(**limits))
-
-
-_SNIPPET_KEYWORDS = ["六合彩", "代开发票", "ghb", "彩票", "一二三四五六七八九十"]
-_SNIPPET_ENGINE = _engine(_SNIPPET_KEYWORDS)
-_SMALL_WINDOW_ENGINE = _engine(_SNIPPET_KEYWORDS, sniff_bytes=64)
-"""Chooses the charset after 64 bytes: every later piece is scanned on its own, so
-matches and snippets cross pieces."""
-
-
 @settings(max_examples=300, deadline=None)
 @given(words=st.lists(st.sampled_from(["六合彩", "代開發票", "ＧＨＢ", "彩票", "文字", "新闻", "<p>",
                                        "</p>", "<b>", "x", " ", "，", "一二三四五六七八九十",
@@ -207,32 +217,12 @@ def test_snippets_from_utf8_equal_the_character_path(words: list[str], cuts: lis
     page = "".join(words).encode()
     bounds = sorted({c % (len(page) + 1) for c in cuts})
     pieces = [page[a:b] for a, b in zip([0, *bounds], [*bounds, len(page)])]
-    headers = [(b"content-type", b"text/html; charset=utf-8")]
-    verdicts = []
-    for compiled in (True, False):
-        htmlscan.ENABLED = compiled
-        try:
-            scan = engine.response_scanner(200, headers)
-            for piece in pieces:
-                scan.feed(piece)
-            verdicts.append(scan.finish())
-        finally:
-            htmlscan.ENABLED = True
-    assert verdicts[0] == verdicts[1]
+    compiled, python = verdicts_both_ways(engine, pieces)
+    assert compiled == python
 
 
 def test_snippet_reaches_back_into_the_previous_piece() -> None:
     # The first piece is past the sniff window (16 KiB), so it is scanned on its own.
     pieces = [("<p>" + "好" * 6000).encode(), ("六合彩" + "文" * 300 + "</p>").encode()]
-    headers = [(b"content-type", b"text/html; charset=utf-8")]
-    snippets = []
-    for compiled in (True, False):
-        htmlscan.ENABLED = compiled
-        try:
-            scan = _SNIPPET_ENGINE.response_scanner(200, headers)
-            for piece in pieces:
-                scan.feed(piece)
-            snippets.append(scan.finish().matches[0].snippet)
-        finally:
-            htmlscan.ENABLED = True
-    assert snippets[0] == snippets[1] == "好" * 24 + "六合彩" + "文" * 24
+    compiled, python = verdicts_both_ways(_SNIPPET_ENGINE, pieces)
+    assert compiled.matches[0].snippet == python.matches[0].snippet == "好" * 24 + "六合彩" + "文" * 24
