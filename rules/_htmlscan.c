@@ -340,14 +340,14 @@ static inline uint64_t pack8(const unsigned char *p, Py_ssize_t len, const unsig
     return w | (0x2020202020202020ull >> (8 * (8 - len)));
 }
 
-/* Whether an all-letter name of 1 to 8 bytes (where pack8 is exact) is a block name. */
-static inline int is_block_letters(const Scanner *s, const unsigned char *tok, Py_ssize_t len,
+/* The block name an all-letter name of 1 to 8 bytes (where pack8 is exact) is, or -1. */
+static inline int block_word_index(const Scanner *s, const unsigned char *tok, Py_ssize_t len,
                                    const unsigned char *end) {
     uint64_t w = pack8(tok, len, end);
     int letter = (tok[0] | 0x20) - 'a';
     for (int i = s->block_first[letter]; i < s->block_first[letter + 1]; i++)
-        if (s->block_word[i] == w) return 1;
-    return 0;
+        if (s->block_word[i] == w) return i;
+    return -1;
 }
 
 /* Whether an all-letter name of 1 to 8 bytes names a raw-text element (script...). */
@@ -441,7 +441,7 @@ static Py_ssize_t emit_until(Feed *f, const unsigned char *p, Py_ssize_t n, int 
                     if (e > t && e < n && p[e] == '>' && (end_tag || !is_raw_letters(s, p + t, e - t, p + n))) {
                         if (flush_run(f, p, i, j, last, nch) < 0) return -1;
                         nch = 0;
-                        if (is_block_letters(s, p + t, e - t, p + n) && run_break(f) < 0) return -1;
+                        if (block_word_index(s, p + t, e - t, p + n) >= 0 && run_break(f) < 0) return -1;
                         i = j = e + 1;
                         continue;
                     }
@@ -678,13 +678,11 @@ static int name_is(const unsigned char *p, Py_ssize_t len, const char *name, int
 static int is_block(const Scanner *s, const unsigned char *tok, Py_ssize_t len, const unsigned char *end) {
     if (len > 0 && tok[0] == '/') { tok++; len--; }
     if (len <= 0 || len > 15 || !is_alpha(tok[0])) return 0;
-    int letter = (tok[0] | 0x20) - 'a';
-    if (len <= 8) {
-        uint64_t w = pack8(tok, len, end);
-        for (int i = s->block_first[letter]; i < s->block_first[letter + 1]; i++)
-            if (s->block_word[i] == w) return name_is(tok, len, s->block_names[i], s->block_len[i]);
-        return 0;
+    if (len <= 8) { /* any bytes here: a word match is confirmed (see pack8) */
+        int i = block_word_index(s, tok, len, end);
+        return i >= 0 && name_is(tok, len, s->block_names[i], s->block_len[i]);
     }
+    int letter = (tok[0] | 0x20) - 'a';
     for (int i = s->block_first[letter]; i < s->block_first[letter + 1]; i++)
         if (s->block_len[i] == len && name_is(tok, len, s->block_names[i], s->block_len[i])) return 1;
     return 0;
@@ -847,12 +845,10 @@ static int tokenize(Feed *f, const unsigned char *s, Py_ssize_t n, int final) {
             if (k < 0) return -1;
             if (f->invalid || f->bail || q + k >= n) return 0;
             k += q;
-            if (s[k] == '<') { /* markup that emit_until leaves here: stops and raw text */
+            if (s[k] == '<') { /* what emit_until leaves here: stops and raw-text starts */
                 m = markup_at(f->s, s, k, n);
-                if (m.kind != M_TEXT) { lt = k; break; }
-                if (emit_utf8(f, (const unsigned char *)"<", 1) < 0) return -1;
-                q = k + 1;
-                continue;
+                lt = k;
+                break;
             }
             /* '&': the rest of the text span is decoded by html.unescape */
             for (q = k + 1;; q = lt + 1) {
@@ -1214,6 +1210,13 @@ PyMODINIT_FUNC PyInit__htmlscan(void) {
     if (PyType_Ready(&ScannerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0
+            || PyModule_AddIntConstant(m, "F_CHANGES", F_CHANGES) < 0
+            || PyModule_AddIntConstant(m, "F_COMPLEX", F_COMPLEX) < 0
+            || PyModule_AddIntConstant(m, "F_NONINERT", F_NONINERT) < 0
+            || PyModule_AddIntConstant(m, "F_IGNORABLE", F_IGNORABLE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

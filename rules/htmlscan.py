@@ -43,9 +43,15 @@ _lock = threading.Lock()
 
 
 def _build() -> object:
-    from rules.normalize import scan_tables
+    from rules import normalize
 
-    top, blocks, repl = scan_tables()
+    flags = (normalize.SCAN_CHANGES, normalize.SCAN_COMPLEX, normalize.SCAN_NON_INERT,
+             normalize.SCAN_IGNORABLE)
+    compiled = (_htmlscan.F_CHANGES, _htmlscan.F_COMPLEX, _htmlscan.F_NONINERT,  # type: ignore[union-attr]
+                _htmlscan.F_IGNORABLE)  # type: ignore[union-attr]
+    if flags != compiled:  # the table's bits are defined twice, in Python and in C
+        raise RuntimeError(f"rules._htmlscan reads table flags {compiled}, scan_tables writes {flags}")
+    top, blocks, repl = normalize.scan_tables()
     return _htmlscan.Scanner(  # type: ignore[union-attr]
         top=top, blocks=blocks, repl=repl, unescape=html.unescape,
         block_names=tuple(sorted(BLOCK_ELEMENTS)), raw_names=RAW_TEXT_SKIPPED,
