@@ -19,7 +19,9 @@ every query of one client (or of a benchmark with 4 source ports) on one worker.
 
 Channel format: frames of a 4-byte big-endian length, one type byte and a
 payload: ``H`` + JSON hello (pid, bound addresses), ``R`` + msgpack list of
-records (the storage schema's tagged structs), ``S`` + JSON stats. The main
+records (the storage schema's tagged structs), ``S`` + JSON stats, and for the
+DNS hit path (proxy/dns_hits.py) ``T`` + msgpack (number, template) and ``C`` +
+hit records (``HIT_RECORD``, 28 bytes each), which the reader expands. The main
 process writes on the same socketpair to reload rules (issue 7): ``L`` + JSON
 {seq, dir}; the worker compiles ``dir`` in a thread off its loop, swaps its
 ``EngineRef`` and answers ``A`` + JSON {seq, ok, version, error}
@@ -50,6 +52,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from linewarden.config import DnsConfig
+from proxy import dns_hits
 from proxy.http_service import HttpServiceConfig
 from proxy.identity import Binding, Identity
 from storage.records import AnyRecord, Record
@@ -66,6 +69,14 @@ CHANNEL_MAX_BUFFER = 32 << 20
 """Bytes a worker may have queued unsent to the main process (~150k records).
 Past it the store's overflow policy applies in the worker: fail-open drops
 and counts, fail-closed refuses (the shim answers SERVFAIL)."""
+HIT_PATH_MAX_BUFFER = 1 << 20
+"""Bytes a DNS worker may have queued unsent and still answer on the compiled hit path
+(proxy/dns_hits.py). Past it the main process is behind (its writer backlogged, it stopped
+reading): the Python path, several times slower, answers until the channel drains, and
+its per-record overflow policy applies at ``CHANNEL_MAX_BUFFER``. So a fast path never
+outruns the store: what it answers, the writer keeps up with."""
+BACKLOG_POLL_S = 0.01
+"""While the writer is backlogged the channel readers stop reading; they look again this often."""
 START_TIMEOUT_S = 60.0
 """A worker must compile the rule set and bind within this, or start fails."""
 STOP_TIMEOUT_S = 10.0
@@ -111,6 +122,7 @@ def attach_random_reuseport(sock: socket.socket, n: int) -> bool:
 
 
 _record_decoder = msgspec.msgpack.Decoder(list[AnyRecord])  # type: ignore[valid-type]
+_template_decoder = msgspec.msgpack.Decoder(tuple[int, dns_hits.Template])
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -125,6 +137,7 @@ class ChannelSink:
         self.transport = transport
         self.fail_open = fail_open
         self.buf: list[Record] = []
+        self.hit_buf = bytearray()
         self.timer: asyncio.TimerHandle | None = None
         self.dropped = 0
         self.refused = 0
@@ -144,6 +157,23 @@ class ChannelSink:
             self.timer = asyncio.get_running_loop().call_later(CHANNEL_FLUSH_S, self.flush)
         return True
 
+    def accepting(self) -> bool:
+        """The main process keeps up: the DNS hit path runs only then (``HIT_PATH_MAX_BUFFER``)."""
+        return self.transport.get_write_buffer_size() <= HIT_PATH_MAX_BUFFER and not self.transport.is_closing()
+
+    def template(self, tid: int, tmpl: dns_hits.Template) -> None:
+        """A hit-path record template, sent at once: it precedes every hit that names it."""
+        self.transport.write(frame(b"T", _encoder.encode((tid, tmpl))))
+
+    def hits(self, records: bytes) -> None:
+        """Hit records (28 bytes each), batched like the others."""
+        self.hit_buf += records
+        n = len(self.hit_buf) // dns_hits.HIT_RECORD.size
+        if n >= CHANNEL_BATCH * 4:
+            self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(CHANNEL_FLUSH_S, self.flush)
+
     def flush(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -152,6 +182,10 @@ class ChannelSink:
             self.transport.write(frame(b"R", _encoder.encode(self.buf)))
             self.sent += len(self.buf)
         self.buf = []
+        if self.hit_buf and not self.transport.is_closing():
+            self.transport.write(frame(b"C", bytes(self.hit_buf)))
+            self.sent += len(self.hit_buf) // dns_hits.HIT_RECORD.size
+        self.hit_buf.clear()
 
     def send(self, kind: bytes, obj: Any) -> None:
         self.transport.write(frame(kind, json.dumps(obj).encode()))
@@ -204,6 +238,9 @@ class ChannelReader(asyncio.Protocol):
         self.worker = worker
         self.on_lost = on_lost
         self.buf = bytearray()
+        self.paused = False
+        self.templates: dict[int, dns_hits.Template] = {}
+        """The worker's hit-path templates by number (at most ``dns_hits.TEMPLATE_MAX``)."""
         self.closed = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
 
@@ -222,6 +259,21 @@ class ChannelReader(asyncio.Protocol):
                 self._frame(bytes(kind), payload)
             except Exception:
                 log.exception("bad frame from dns worker %d", self.worker.index)
+        if not self.paused and getattr(self.writer, "backlogged", False) and self.transport is not None:
+            # The writer is behind: leave the records in the worker's socket buffer (it then
+            # slows down, see HIT_PATH_MAX_BUFFER) rather than drop them here.
+            self.paused = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(BACKLOG_POLL_S, self._resume_when_drained)
+
+    def _resume_when_drained(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if getattr(self.writer, "backlogged", False):
+            asyncio.get_running_loop().call_later(BACKLOG_POLL_S, self._resume_when_drained)
+            return
+        self.paused = False
+        self.transport.resume_reading()
 
     def _frame(self, kind: bytes, payload: bytes) -> None:
         if kind == b"R":
@@ -231,6 +283,17 @@ class ChannelReader(asyncio.Protocol):
                 if not submit(rec):
                     self.worker.refused += 1
             self.worker.records += len(records)
+        elif kind == b"C":
+            submit = self.writer.submit
+            n = 0
+            for rec in dns_hits.expand(payload, self.templates):
+                n += 1
+                if not submit(rec):
+                    self.worker.refused += 1
+            self.worker.records += n
+        elif kind == b"T":
+            tid, tmpl = _template_decoder.decode(payload)
+            self.templates[tid] = tmpl
         elif kind == b"H":
             hello = json.loads(payload)
             self.worker.udp_address = tuple(hello["udp"])

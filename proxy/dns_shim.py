@@ -27,7 +27,12 @@ Per query (rules kept):
    A cache hit's record is a copy of the previous hit's record for the same
    entry, client and question case with only the per-query fields replaced
    (``RECORD_MEMO_MAX``): building a 23-field record costs more than the rest
-   of the hit path.
+   of the hit path. Blocks are memoised the same way (their alarm too).
+6. In a worker process, an answer given through such a memo is also put in the
+   compiled hit path's table (``proxy/dns_hits.py``) with how long it holds:
+   the same question from the same client is then answered and recorded in C
+   until then, and its record is rebuilt from the same prototype in the main
+   process.
 
 Time: the adapter reads the clocks (``time.time_ns`` for record timestamps,
 ``time.monotonic`` for cache and timeouts) and passes them down (STYLE.md 2).
@@ -54,6 +59,7 @@ from dnslib.buffer import Buffer
 
 from linewarden.config import DnsConfig, parse_hostport
 from proxy import dns_fastpath as fp
+from proxy import dns_hits
 from proxy.dns_cache import CacheEntry, DnsCache
 from proxy.identity import Identity
 from rules.verdict import Verdict, combine_action
@@ -87,6 +93,8 @@ PORT_ZERO_ATTEMPTS = 20
 """Tries to find one ephemeral port free for both UDP and TCP (``listen = "...:0"``)."""
 UDP_BATCH = 64
 """Datagrams read per loop wake-up before other work (upstream answers, TCP) gets a turn."""
+UDP_HOLD_S = 0.002
+"""How long the UDP listener pauses while the records' channel is backed up (``_hold_udp``)."""
 MAX_UDP_QUERY = 4096
 """Bytes read per datagram; a query is far smaller (RFC 1035: 512 without EDNS)."""
 PROBE_NAME = "."
@@ -397,6 +405,7 @@ class DnsShim:
         self.stats: Counter[str] = Counter()
         self.inflight: dict[bytes, Pending] = {}
         self._reading = False
+        self._stopping = False
         self._tcp_server: asyncio.AbstractServer | None = None
         self._tcp_clients: set[_TcpClient] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -404,10 +413,14 @@ class DnsShim:
         self._health: asyncio.Task[None] | None = None
         self._uid_prefix = uid_prefix or f"D{secrets.token_hex(3)}."
         self._uid = itertools.count(1)
-        self._protos: dict[tuple[int, str, str, str], tuple[CacheEntry, Verdict, Any, Dns]] = {}
-        """RECORD_MEMO_MAX: (id(entry), client ip, transport, qname) → (entry, verdict,
-        identity binding, record). The entry, verdict and binding are held and compared
-        by identity, so a reused id() or a reload (new verdicts) never matches."""
+        self._protos: dict[tuple[Any, ...], tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None, int]] = {}
+        """RECORD_MEMO_MAX: (id(entry), client ip, transport, qname) for a cache hit, or
+        ("block", client ip, transport, qname, qtype) for a block → (entry or None, verdict,
+        identity binding, record, alarm or None, template number of the hit path or -1).
+        The entry, verdict and binding are held and compared by identity, so a reused id()
+        or a reload (new verdicts) never matches."""
+        self.fast = dns_hits.FastHits(writer, self._uid_prefix) if dns_hits.usable(writer) else None
+        """The compiled hit path (proxy/dns_hits.py); None where the sink cannot take it."""
         self._listen = parse_hostport(config.listen, 53)
         self.udp_sock: socket.socket | None = None
         self.udp_address: tuple[str, int] | None = None
@@ -471,6 +484,7 @@ class DnsShim:
 
     async def stop(self) -> None:
         """Answer what is in flight with SERVFAIL (recorded), stop listening, close."""
+        self._stopping = True
         for task in (self._sweeper, self._health, *self._tasks):
             if task is not None:
                 task.cancel()
@@ -511,8 +525,15 @@ class DnsShim:
         sock = self.udp_sock
         if sock is None:
             return
-        recv = sock.recvfrom
         on_udp = self._on_udp
+        fast = self.fast
+        if fast is not None:
+            if self.writer.accepting():  # type: ignore[attr-defined]
+                self._serve_fast(fast, sock, on_udp)
+            else:
+                self._hold_udp()
+            return
+        recv = sock.recvfrom
         for _ in range(UDP_BATCH):
             try:
                 data, addr = recv(MAX_UDP_QUERY)
@@ -521,6 +542,45 @@ class DnsShim:
             except OSError:
                 self.stats["udp_errors"] += 1
                 return
+            on_udp(data, addr)
+
+    def _hold_udp(self) -> None:
+        """The main process is behind with the records: stop reading for ``UDP_HOLD_S``.
+
+        Flow control, not the overflow policy: queries wait in the socket's buffer (the
+        kernel drops past it and clients retry), so the shim answers no faster than the
+        store records. Without it, answers would outrun the writer until its queue is
+        full and the overflow policy dropped records (fail-open) or refused queries."""
+        if not self._reading or self.udp_sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.udp_sock.fileno())
+        self._reading = False
+        self.stats["udp_held"] += 1
+
+        def resume() -> None:
+            if self.udp_sock is not None and not self._reading and not self._stopping:
+                loop.add_reader(self.udp_sock.fileno(), self._udp_readable)
+                self._reading = True
+
+        loop.call_later(UDP_HOLD_S, resume)
+
+    def _serve_fast(self, fast: dns_hits.FastHits, sock: socket.socket,
+                    on_udp: Callable[[bytes, Any], None]) -> None:
+        """The same ``UDP_BATCH`` datagrams a wake-up, read in one system call: hits are
+        answered and recorded in C, the rest take the Python path one by one."""
+        seq = next(self._uid)
+        try:
+            misses, after, _more = fast.serve(sock.fileno(), seq, self.engine.state)
+        except OSError:
+            self._uid = itertools.count(seq)
+            self.stats["udp_errors"] += 1
+            return
+        self._uid = itertools.count(after)
+        if after != seq:
+            self.stats["queries"] += after - seq
+            self.stats["fast_hits"] += after - seq
+        for data, addr in misses:
             on_udp(data, addr)
 
     def _udp_sender(self, addr: Any) -> Callable[[bytes], None]:
@@ -604,9 +664,12 @@ class DnsShim:
                 if verdict.action == "block":
                     self._block(data, q, client, transport, send, t_ns, verdict, hit)
                     return
+        wire = entry.wire
+        # The rendered answer holds until the next whole second of age (TTLs drop) or expiry.
+        until = min(entry.expires, wire.stored + int(now - wire.stored) + 1)
         self._finish(data, q, client, transport, send, t_ns, verdict,
-                     entry.wire.render(data, q, now), entry.rcode, entry.answers, hit, upstream,
-                     entry=entry if hit and upstream is None else None)
+                     wire.render(data, q, now), entry.rcode, entry.answers, hit, upstream,
+                     entry=entry if hit and upstream is None else None, until=until)
 
     def _block(self, data: bytes, q: fp.Query, client: Any, transport: str,
                send: Callable[[bytes], None], t_ns: int, verdict: Verdict, hit: bool) -> None:
@@ -623,14 +686,18 @@ class DnsShim:
             answers = [socket.inet_ntop(socket.AF_INET if len(addr) == 4 else socket.AF_INET6,
                                         addr)] if addr else []
         self._finish(data, q, client, transport, send, t_ns, verdict, resp, rcode, answers, hit,
-                     None, alarm_category=category)
+                     None, alarm_category=category,
+                     until=time.monotonic() + dns_hits.BLOCK_VALID_S)
 
     def _finish(self, data: bytes, q: fp.Query, client: Any, transport: str,
                 send: Callable[[bytes], None], t_ns: int, verdict: Verdict, resp: bytes,
                 rcode: int, answers: list[str], hit: bool,
                 upstream: tuple[UpstreamSocket | None, Upstream] | None,
-                alarm_category: str | None = None, entry: CacheEntry | None = None) -> None:
-        """Record, then answer (rule 5). ``entry``: the cache entry of a hit (prototype memo)."""
+                alarm_category: str | None = None, entry: CacheEntry | None = None,
+                until: float | None = None) -> None:
+        """Record, then answer (rule 5). ``entry``: the cache entry of a hit (prototype
+        memo); ``until``: the monotonic time up to which ``resp`` is this question's answer
+        (the hit path may serve it again until then)."""
         if transport == "udp" and len(resp) > q.udp_size:
             # RFC 1035 4.2.1 / RFC 6891 7: too big for this client over UDP: TC, it retries on TCP.
             resp = fp.build_truncated(data, q)
@@ -638,21 +705,19 @@ class DnsShim:
             rcode = fp.NOERROR
             self.stats["truncated"] += 1
             entry = None
+            until = None
         ip, port = client[0], client[1]
         ident = self.identity.lookup(ip)
         now_ns = time.time_ns()
+        key: tuple[Any, ...] | None = None
         if entry is not None:
             key = (id(entry), ip, transport, q.qname)
+        elif alarm_category is not None and until is not None and upstream is None:
+            key = ("block", ip, transport, q.qname, q.qtype, hit)
+        if key is not None:
             memo = self._protos.get(key)
             if memo is not None and memo[0] is entry and memo[1] is verdict and memo[2] is ident:
-                uid = f"{self._uid_prefix}{next(self._uid):x}"
-                rec = _replace(memo[3], ts=t_ns // 1000, uid=uid, client_port=port, dns_id=q.id,
-                               latency_us=max(0, (now_ns - t_ns) // 1000))
-                if self.writer.submit(rec):
-                    send(resp)
-                else:
-                    self.stats["unrecorded"] += 1
-                    send(fp.build_rcode(data, q, fp.SERVFAIL))
+                self._from_memo(memo, data, q, ip, port, send, t_ns, now_ns, resp, until)
                 return
         account = ident.account if ident else None
         mac = ident.mac if ident else None
@@ -673,24 +738,50 @@ class DnsShim:
             answers=answers, dns_id=q.id, transport=transport, cache_hit=hit,
             latency_us=max(0, (now_ns - t_ns) // 1000),
         )
-        if entry is not None:
-            if len(self._protos) >= RECORD_MEMO_MAX:
-                self._protos.clear()
-            self._protos[(id(entry), ip, transport, q.qname)] = (entry, verdict, ident, rec)
-        ok = self.writer.submit(rec)
+        alarm = None
         if alarm_category is not None:
             m = next(m for m in verdict.matches if m.action == "block")
-            ok = self.writer.submit(Alarm(
+            alarm = Alarm(
                 ts=t_ns // 1000, uid=uid, account=account, client_ip=ip, client_port=port,
                 client_mac=mac, action="block", rule_ids=rule_ids,
                 ruleset_version=verdict.ruleset_version, alarm_kind="illegal_content",
                 detail=f"dns query {q.qname} {fp.record_text(q.qtype)} blocked: category "
                        f"{alarm_category}, rule {m.rule_id} ({m.pattern}) on {m.where}",
-            )) and ok
+            )
+        tid = -1
+        if key is not None:
+            if self.fast is not None and transport == "udp":
+                tid = self.fast.new_template(rec, alarm)
+            if len(self._protos) >= RECORD_MEMO_MAX:
+                self._protos.clear()
+            self._protos[key] = (entry, verdict, ident, rec, alarm, tid)
+        ok = self.writer.submit(rec)
+        if alarm is not None:
+            ok = self.writer.submit(alarm) and ok
         if not ok:
             # Fail-closed overflow: nothing unrecorded gets an answer (DESIGN.md principles).
             self.stats["unrecorded"] += 1
             resp = fp.build_rcode(data, q, fp.SERVFAIL)
+        elif tid >= 0 and until is not None:
+            self.fast.learn(ip, data, resp, tid, until)  # type: ignore[union-attr]
+        send(resp)
+
+    def _from_memo(self, memo: tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None, int],
+                   data: bytes, q: fp.Query, ip: str, port: int, send: Callable[[bytes], None],
+                   t_ns: int, now_ns: int, resp: bytes, until: float | None) -> None:
+        """A repeated question: its record is the prototype's copy with the per-query fields."""
+        uid = f"{self._uid_prefix}{next(self._uid):x}"
+        ts = t_ns // 1000
+        ok = self.writer.submit(_replace(memo[3], ts=ts, uid=uid, client_port=port, dns_id=q.id,
+                                         latency_us=max(0, (now_ns - t_ns) // 1000)))
+        if memo[4] is not None:
+            ok = self.writer.submit(_replace(memo[4], ts=ts, uid=uid, client_port=port)) and ok
+        if not ok:
+            self.stats["unrecorded"] += 1
+            send(fp.build_rcode(data, q, fp.SERVFAIL))
+            return
+        if memo[5] >= 0 and until is not None:
+            self.fast.learn(ip, data, resp, memo[5], until)  # type: ignore[union-attr]
         send(resp)
 
     def _malformed(self, data: bytes, client: Any, transport: str,

@@ -18,8 +18,13 @@ import msgspec
 Action = Literal["allow", "block", "log"]
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit_defaults=False):
-    """Fields every record carries."""
+class Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit_defaults=False, gc=False):
+    """Fields every record carries.
+
+    ``gc=False``: a record holds only scalars and lists of strings, so it can never be part
+    of a reference cycle, and the cyclic GC need not track it. The writer's queue holds up
+    to ``queue_max`` of them; tracked, every collection walked them all (measured: ~6 % of
+    the main process's CPU at 60k DNS records/s)."""
 
     ts: int
     """When it happened: microseconds since the Unix epoch, UTC."""

@@ -210,6 +210,11 @@ class RecordWriter:
     def queued(self) -> int:
         return len(self._q)
 
+    @property
+    def backlogged(self) -> bool:
+        """Half the queue is full: producers that can wait (the workers' channels) should."""
+        return len(self._q) * 2 >= self._qmax
+
     def stats(self) -> dict[str, int]:
         return dataclasses.asdict(self._stats) | {"queued": len(self._q)}
 

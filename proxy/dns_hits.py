@@ -1,0 +1,160 @@
+"""The DNS shim's hit path: repeated questions answered and recorded without per-query Python.
+
+Owns: the answer table that the compiled loop (``proxy._dnshits``, C) serves from,
+the record templates behind it, the fixed-size hit records it leaves
+(``HIT_RECORD``) and their expansion back into ``Dns`` (and ``Alarm``) records.
+Must not: decide anything. An answer enters the table only after the shim
+answered that very question (same bytes but the id) from that very client the
+full way, through the Engine, the cache and the record prototype memo of
+``proxy/dns_shim.py``; it stays only while that answer cannot change (the
+next whole second of cache age, the entry's expiry, ``BLOCK_VALID_S`` for a
+block) and a rule reload empties the table.
+
+Why: issue 5 asks for cache hits at dnsmasq's and unbound's rate with every
+query recorded. On a hit the Python path costs ~20 µs of CPU in the worker and
+~3 µs more in the main process to decode its msgpack record; here a hit is a
+dict lookup and a share of one ``recvmmsg`` and one ``sendmmsg``, and its
+record crosses to the main process as 28 bytes. The main process rebuilds the
+record from its template with ``msgspec.structs.replace`` (the same five
+per-query fields the shim's memo replaces: ts, uid, client port, DNS id,
+latency), so the store holds exactly what the Python path would have written.
+
+Where it runs: in DNS worker processes (``dns.workers >= 1``, the default),
+whose record sink is the channel to the main process (``ChannelSink``); with
+``dns.workers = 0`` or without a C compiler at install the Python path alone
+serves. ``LINEWARDEN_PURE_PYTHON=1`` turns it off.
+
+Templates are numbered per worker; the number wraps at ``TEMPLATE_MAX``, and
+before it wraps the table is emptied and the pending hit records sent, so a
+hit record always names the template that was current when it was served.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import msgspec
+
+from storage.records import Alarm, Dns, Record
+
+try:
+    from proxy import _dnshits
+except ImportError:  # built without a C compiler: the Python path serves alone
+    _dnshits = None
+
+ENABLED = _dnshits is not None and os.environ.get("LINEWARDEN_PURE_PYTHON", "") in ("", "0")
+
+HIT_RECORD = struct.Struct("<qQIHHI")
+"""ts (µs since the epoch), uid sequence number, template, client port, DNS id, latency µs."""
+assert _dnshits is None or _dnshits.RECORD_SIZE == HIT_RECORD.size
+
+TABLE_MAX = 65_536
+"""Answers kept (one per client address and question shape); emptied when full."""
+TEMPLATE_MAX = 65_536
+"""Template numbers per worker before they wrap (the main process keeps this many)."""
+BLOCK_VALID_S = 1.0
+"""How long a block answer is served from the table before the shim is asked again
+(blocks change only on reload, which empties the table; the refresh keeps the
+shim's own counters and memo warm)."""
+MAX_BATCH = 64
+"""Datagrams per ``recvmmsg`` (the C module's limit)."""
+
+Template = tuple[str, Dns, Alarm | None]
+"""(uid prefix, dns record prototype, alarm prototype or None)."""
+
+
+class HitSink(Protocol):
+    """Where hit records go: the worker's channel to the main process."""
+
+    def template(self, tid: int, tmpl: Template) -> None: ...
+
+    def hits(self, records: bytes) -> None: ...
+
+    def accepting(self) -> bool: ...
+
+
+def client_key(ip: str) -> bytes | None:
+    """Family byte + packed address, as the C loop keys a datagram's source (None: not keyed)."""
+    try:
+        if ":" in ip:
+            return b"\x06" + socket.inet_pton(socket.AF_INET6, ip)
+        return b"\x04" + socket.inet_pton(socket.AF_INET, ip)
+    except OSError:  # a scoped or odd address: the Python path serves it
+        return None
+
+
+def expand(records: bytes, templates: dict[int, Template]) -> Iterator[Record]:
+    """Hit records back into the records the Python path would have written."""
+    replace = msgspec.structs.replace
+    for ts, seq, tid, port, dns_id, latency in HIT_RECORD.iter_unpack(records):
+        prefix, proto, alarm = templates[tid]
+        uid = f"{prefix}{seq:x}"
+        yield replace(proto, ts=ts, uid=uid, client_port=port, dns_id=dns_id, latency_us=latency)
+        if alarm is not None:
+            yield replace(alarm, ts=ts, uid=uid, client_port=port)
+
+
+class FastHits:
+    """The worker side: the table, the template numbers, one ``serve`` per readable socket."""
+
+    def __init__(self, sink: HitSink, prefix: str) -> None:
+        self.sink = sink
+        self.prefix = prefix
+        self.table: dict[bytes, tuple[bytes, int, float]] = {}
+        self.records = bytearray()
+        self.next_tid = 0
+        self.anchor: object = None
+        """The engine state the table's answers were decided under."""
+        self.served = 0
+        self.unsent = 0
+
+    def new_template(self, proto: Dns, alarm: Alarm | None) -> int:
+        """Number a record prototype and send it ahead of any hit record that names it."""
+        if self.next_tid >= TEMPLATE_MAX:
+            self.reset()
+            self.next_tid = 0
+        tid = self.next_tid
+        self.next_tid += 1
+        self.sink.template(tid, (self.prefix, proto, alarm))
+        return tid
+
+    def learn(self, ip: str, data: bytes, resp: bytes, tid: int, until: float) -> None:
+        """Serve ``resp`` (for any id) to ``ip`` asking ``data`` (any id) until ``until``."""
+        ck = client_key(ip)
+        if ck is None or len(data) < 12 or resp[:2] != data[:2]:
+            return
+        if len(self.table) >= TABLE_MAX:
+            self.table.clear()
+        self.table[ck + data[2:]] = (resp[2:], tid, until)
+
+    def reset(self) -> None:
+        """Forget every answer and send the hit records held (before template numbers wrap)."""
+        self.table.clear()
+        self.flush()
+
+    def serve(self, fd: int, seq: int, state: object) -> tuple[list[tuple[bytes, Any]], int, bool]:
+        """One batch: hits answered here; returns (misses for the Python path, seq after, more)."""
+        if state is not self.anchor:
+            self.table.clear()
+            self.anchor = state
+        misses, seq, hits, unsent, more = _dnshits.serve(fd, self.table, self.records, seq, MAX_BATCH)
+        if hits:
+            self.served += hits
+            self.unsent += unsent
+            self.flush()
+        return misses, seq, more
+
+    def flush(self) -> None:
+        if self.records:
+            self.sink.hits(bytes(self.records))
+            self.records.clear()
+
+
+def usable(sink: Any) -> bool:
+    """Whether a shim with this record sink can use the hit path."""
+    return ENABLED and all(callable(getattr(sink, m, None)) for m in ("template", "hits", "accepting"))
+
