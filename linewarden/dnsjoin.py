@@ -59,6 +59,7 @@ from typing import Any
 import msgspec
 
 from storage.records import Conn, Dns, Record
+from storage.schema import Copies
 
 US = 1_000_000
 
@@ -242,6 +243,21 @@ class JoinSink:
         if out is None:
             return True
         return self.writer.submit(out)  # type: ignore[no-any-return]
+
+    def submit_copies(self, copies: Copies) -> bool:
+        """The DNS hit path's records: learnt once per prototype (its latest copy, in the
+        order of the latest copies: the table ends as if each had been learnt in turn)."""
+        latest: dict[int, tuple[Any, ...]] = {}
+        for e in copies.entries:
+            k = id(e[0])
+            if k in latest:
+                del latest[k]
+            latest[k] = e
+        for e in latest.values():
+            r = e[0]
+            if r.answers and r.qtype in _ADDR_QTYPES and r.client_ip and r.qname:
+                self.join.learn(r.client_ip, r.qname, r.answers, e[2])
+        return self.writer.submit_copies(copies)  # type: ignore[no-any-return]
 
     def _arm(self) -> None:
         due = self.join.next_release()

@@ -284,13 +284,16 @@ class ChannelReader(asyncio.Protocol):
                     self.worker.refused += 1
             self.worker.records += len(records)
         elif kind == b"C":
-            submit = self.writer.submit
-            n = 0
-            for rec in dns_hits.expand(payload, self.templates):
-                n += 1
-                if not submit(rec):
-                    self.worker.refused += 1
-            self.worker.records += n
+            copies = dns_hits.copies(payload, self.templates)
+            submit_copies = getattr(self.writer, "submit_copies", None)
+            if submit_copies is not None:
+                if not submit_copies(copies):
+                    self.worker.refused += copies.count
+            else:
+                for rec in copies.records():
+                    if not self.writer.submit(rec):
+                        self.worker.refused += 1
+            self.worker.records += copies.count
         elif kind == b"T":
             tid, tmpl = _template_decoder.decode(payload)
             self.templates[tid] = tmpl

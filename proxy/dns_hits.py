@@ -14,10 +14,11 @@ Why: issue 5 asks for cache hits at dnsmasq's and unbound's rate with every
 query recorded. On a hit the Python path costs ~20 µs of CPU in the worker and
 ~3 µs more in the main process to decode its msgpack record; here a hit is a
 dict lookup and a share of one ``recvmmsg`` and one ``sendmmsg``, and its
-record crosses to the main process as 28 bytes. The main process rebuilds the
-record from its template with ``msgspec.structs.replace`` (the same five
-per-query fields the shim's memo replaces: ts, uid, client port, DNS id,
-latency), so the store holds exactly what the Python path would have written.
+record crosses to the main process as 28 bytes. There it goes to the store as
+``storage.schema.Copies`` (template + the same five per-query fields the shim's
+memo replaces: ts, uid, client port, DNS id, latency), which the writer encodes
+from the template's row: the store holds exactly the rows and chain bytes the
+Python path's records would have given, for a fraction of the CPU.
 
 Where it runs: in DNS worker processes (``dns.workers >= 1``, the default),
 whose record sink is the channel to the main process (``ChannelSink``); with
@@ -37,9 +38,8 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import msgspec
-
 from storage.records import Alarm, Dns, Record
+from storage.schema import Copies
 
 try:
     from proxy import _dnshits
@@ -87,15 +87,19 @@ def client_key(ip: str) -> bytes | None:
         return None
 
 
-def expand(records: bytes, templates: dict[int, Template]) -> Iterator[Record]:
-    """Hit records back into the records the Python path would have written."""
-    replace = msgspec.structs.replace
+def copies(records: bytes, templates: dict[int, Template]) -> Copies:
+    """Hit records as the store takes them: each its template's prototypes + its own values."""
+    entries: list[tuple[Any, Any, int, str, int, int, int]] = []
+    append = entries.append
     for ts, seq, tid, port, dns_id, latency in HIT_RECORD.iter_unpack(records):
         prefix, proto, alarm = templates[tid]
-        uid = f"{prefix}{seq:x}"
-        yield replace(proto, ts=ts, uid=uid, client_port=port, dns_id=dns_id, latency_us=latency)
-        if alarm is not None:
-            yield replace(alarm, ts=ts, uid=uid, client_port=port)
+        append((proto, alarm, ts, f"{prefix}{seq:x}", port, dns_id, latency))
+    return Copies.of(entries)
+
+
+def expand(records: bytes, templates: dict[int, Template]) -> Iterator[Record]:
+    """Hit records back into the records the Python path would have written."""
+    return iter(copies(records, templates).records())
 
 
 class FastHits:

@@ -27,7 +27,7 @@ import functools
 import itertools
 import socket
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -437,12 +437,146 @@ class RowEncoder:
         self.layouts = layouts
         self.interner = interner
         self._by_type = {lay.cls: _compile_encoder(lay, interner) for lay in layouts.values()}
+        self._plans: dict[int, tuple[Any, ...]] = {}
+        """id(prototype) -> its copy plan (``_plan``); the prototype is held in the plan,
+        so an id is never reused while its plan is here."""
 
     def encode(self, rec: Record, row_id: int) -> tuple[tuple[Any, ...], bytes]:
         fn = self._by_type.get(type(rec))
         if fn is None:
             raise BadRecord(f"not a record kind this store knows: {type(rec).__name__}")
         return fn(rec, row_id)
+
+    def encode_copies(self, copies: Copies, row_id: int, out: list[bytes]) -> Iterator[tuple[Any, ...]]:
+        """Rows of ``copies`` from ``row_id`` on (a companion right after its copy); each
+        row's logical bytes are appended to ``out``. The same rows and bytes as ``encode``
+        of ``copies.records()``, built from each prototype's encoding once."""
+        plans = self._plans
+        enc = _enc.encode
+        for proto, companion, ts, uid, port, dns_id, latency in copies.entries:
+            plan = plans.get(id(proto))
+            if plan is None or plan[0] is not proto or plan[2] is not companion:
+                plan = self._plan(proto, companion)
+            if plan[1] is None:
+                # No plan for this prototype (see _plan): the general encoder, record by record.
+                for rec in copies.expand_one(proto, companion, ts, uid, port, dns_id, latency):
+                    row, lg = self.encode(rec, row_id)
+                    row_id += 1
+                    out.append(lg)
+                    yield row
+                continue
+            r, t0, x0, sd, ix = plan[1], plan[3], plan[4], plan[5], plan[6]
+            t = t0.copy()
+            t[ix[0]] = ts
+            t[ix[1]] = uid
+            t[ix[2]] = port
+            t[ix[3]] = dns_id
+            t[ix[4]] = latency
+            x = x0.copy()
+            x[ix[5]] = dns_id
+            x[ix[6]] = latency
+            while x and x[-1] == sd[len(x) - 1] and type(x[-1]) is type(sd[len(x) - 1]):
+                x.pop()
+            out.append(enc((r[1], t)))
+            yield (row_id, r[0], ts, uid, r[2], r[3], port, r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                   r[11], None, r[12], enc(x) if x else None)
+            row_id += 1
+            if companion is not None:
+                cp = plan[7]
+                ar, at0, ax, aix = cp[1], cp[3], cp[4], cp[6]
+                at = at0.copy()
+                at[aix[0]] = ts
+                at[aix[1]] = uid
+                at[aix[2]] = port
+                out.append(enc((ar[1], at)))
+                yield (row_id, ar[0], ts, uid, ar[2], ar[3], port, ar[4], ar[5], ar[6], ar[7], ar[8],
+                       ar[9], ar[10], ar[11], None, ar[12], ax)
+                row_id += 1
+
+    def _plan(self, proto: Record, companion: Record | None) -> tuple[Any, ...]:
+        """How the copies of ``proto`` (and of its companion) are built: the prototype's
+        row and logical values once, the places of the per-copy values. No plan (None in
+        the second place) where a copy's row could differ elsewhere: a community id
+        (derived from the client port), a field that is not where a Dns record has it."""
+        if len(self._plans) >= COPY_PLANS_MAX:
+            self._plans.clear()
+        plan: tuple[Any, ...] = (proto, None, companion)
+        try:
+            main = self._part(proto, COPY_FIELDS)
+            comp = self._part(companion, COMPANION_FIELDS) if companion is not None else None
+        except (BadRecord, ValueError, KeyError, TypeError):
+            main = comp = None
+        if main is not None and (companion is None or comp is not None):
+            plan = (proto, main[1], companion, main[3], main[4], main[5], main[6], comp)
+        self._plans[id(proto)] = plan
+        return plan
+
+    def _part(self, rec: Record, varying: tuple[str, ...]) -> tuple[Any, ...] | None:
+        lay = next((lay for lay in self.layouts.values() if lay.cls is type(rec)), None)
+        if lay is None or rec.community_id is not None:
+            return None
+        row, _ = self.encode(rec, 0)
+        # Everything of the row but id, ts, uid, client_port, community_id and x, in order.
+        r = (row[1], lay.tag, row[4], row[5], row[7], row[8], row[9], row[10], row[11], row[12],
+             row[13], row[14], row[16])
+        t0 = list(msgspec.structs.astuple(rec))
+        ix = [lay.fields.index(f) for f in varying]
+        sd = lay.stored_defaults
+        if varying is COPY_FIELDS:
+            x0 = list(_dec.decode(row[17])) if row[17] is not None else []
+            x0 += sd[len(x0):]
+            ix += [lay.specific.index("dns_id"), lay.specific.index("latency_us")]
+            return (rec, r, None, t0, x0, sd, ix)
+        if any(f in lay.specific for f in varying):
+            return None
+        return (rec, r, None, t0, row[17], sd, ix)
+
+
+COPY_FIELDS = ("ts", "uid", "client_port", "dns_id", "latency_us")
+"""What differs between the copies of one prototype (the DNS shim's hit path)."""
+COMPANION_FIELDS = ("ts", "uid", "client_port")
+"""What differs between the copies of a prototype's companion (the alarm of a block)."""
+COPY_PLANS_MAX = 65_536
+"""Prototypes whose encoding a RowEncoder keeps (cleared when full)."""
+
+
+@dataclass(slots=True)
+class Copies:
+    """Records given as prototypes and per-copy values: the DNS hit path's records.
+
+    Each entry is ``(proto, companion, ts, uid, client_port, dns_id, latency_us)``: the
+    record ``proto`` with those five fields replaced, followed, when ``companion`` is not
+    None, by ``companion`` with ``ts``, ``uid`` and ``client_port`` replaced. The writer
+    queues a ``Copies`` as the ``count`` records it stands for and encodes it from each
+    prototype's row (``RowEncoder.encode_copies``), the rows and chain bytes being exactly
+    those of the expanded records."""
+
+    entries: list[tuple[Any, Any, int, str, int, int, int]]
+    count: int
+
+    @classmethod
+    def of(cls, entries: list[tuple[Any, Any, int, str, int, int, int]]) -> Copies:
+        return cls(entries, len(entries) + sum(1 for e in entries if e[1] is not None))
+
+    @staticmethod
+    def expand_one(proto: Any, companion: Any, ts: int, uid: str, port: int, dns_id: int,
+                   latency: int) -> list[Record]:
+        rep = msgspec.structs.replace
+        out = [rep(proto, ts=ts, uid=uid, client_port=port, dns_id=dns_id, latency_us=latency)]
+        if companion is not None:
+            out.append(rep(companion, ts=ts, uid=uid, client_port=port))
+        return out
+
+    def records(self) -> list[Record]:
+        """The records these copies stand for, in order."""
+        return [r for e in self.entries for r in self.expand_one(*e)]
+
+    def split(self, day_of_ts: Callable[[int], str]) -> dict[str, Copies]:
+        """Grouped by day (the rare batch that straddles midnight)."""
+        groups: dict[str, list[Any]] = {}
+        for e in self.entries:
+            groups.setdefault(day_of_ts(e[2]), []).append(e)
+        return {d: Copies.of(es) for d, es in groups.items()}
 
 
 # The column order above is written out for speed; this guards it against drift.

@@ -10,6 +10,9 @@ Strategy:
   ``commit_interval_ms`` (or until ``batch_max`` records are queued), then commits one
   transaction per day file. Records that arrive during a commit go into the next one
   straight away, so under load commits run back to back with whatever accumulated.
+* ``submit_copies(copies)`` queues the DNS hit path's records (``storage.schema.Copies``:
+  prototypes + per-copy values) as the records they stand for, all or none; they are
+  encoded from each prototype's row, to the same rows and chain bytes.
 * Rows are encoded on their own thread, 512 rows per INSERT (``storage.schema.chunk_plan``),
   while aiosqlite's thread has SQLite insert the previous chunk: SQLite releases the GIL
   while it steps, so encoding (Python) and inserting (C) overlap, and the event loop runs
@@ -63,6 +66,7 @@ from storage.records import Alarm, Maintenance, Record
 from storage.retention import deletable, disk_status, expired_days, remove_day
 from storage.schema import (
     COLUMNS,
+    Copies,
     INSERT_BATCH,
     UPDATE_RKEY,
     Interner,
@@ -133,7 +137,9 @@ class RecordWriter:
         self.clock = clock
         """Wall clock (seconds since the epoch) for rollover, retention and alarms; tests pass
         their own. Record times come from the records, never from here."""
-        self._q: collections.deque[Record] = collections.deque()
+        self._q: collections.deque[Record | Copies] = collections.deque()
+        self._queued = 0
+        """Records in ``_q`` (a ``Copies`` counts as the records it stands for)."""
         self._qmax = self.config.queue_max
         self._batch_max = self.config.batch_max
         self._fail_closed = self.config.overflow == "fail-closed"
@@ -171,25 +177,48 @@ class RecordWriter:
         """Queue ``record`` for writing. Never awaits and never touches the disk. Returns False
         only under ``overflow="fail-closed"`` when the queue is full: refuse the flow."""
         q = self._q
-        if len(q) >= self._qmax or self._closing:
-            if self._fail_closed or self._closing:
-                self._stats.refused += 1
-                wake = self._stats.refused == self._stats.alarmed_refused + 1
-            else:
-                self._stats.dropped += 1
-                wake = self._stats.dropped == self._stats.alarmed_dropped + 1
-            if wake and self._wake is not None:
-                self._wake.set()  # the alarm is written as soon as the writer can
-            return not (self._fail_closed or self._closing)
+        if self._queued >= self._qmax or self._closing:
+            return self._overflow(1)
         if not q:
             self._first_at = self._loop.time() if self._loop is not None else 0.0
             if self._wake is not None:
                 self._wake.set()
         q.append(record)
+        self._queued += 1
         self._stats.accepted += 1
-        if len(q) == self._batch_max and self._wake is not None:
+        if self._queued == self._batch_max and self._wake is not None:
             self._wake.set()
         return True
+
+    def submit_copies(self, copies: Copies) -> bool:
+        """Queue the records ``copies`` stands for (storage.schema.Copies), as ``submit``
+        would one by one: all of them or, when the queue has no room for all, none."""
+        n = copies.count
+        if self._queued + n > self._qmax or self._closing:
+            return self._overflow(n)
+        q = self._q
+        if not q:
+            self._first_at = self._loop.time() if self._loop is not None else 0.0
+            if self._wake is not None:
+                self._wake.set()
+        q.append(copies)
+        self._queued += n
+        self._stats.accepted += n
+        if self._queued >= self._batch_max and self._wake is not None:
+            self._wake.set()
+        return True
+
+    def _overflow(self, n: int) -> bool:
+        """``n`` records find the queue full: the overflow policy (module docstring)."""
+        if self._fail_closed or self._closing:
+            self._stats.refused += n
+            wake = self._stats.refused - n == self._stats.alarmed_refused
+        else:
+            self._stats.dropped += n
+            wake = self._stats.dropped - n == self._stats.alarmed_dropped
+        if wake and self._wake is not None:
+            self._wake.set()  # the alarm is written as soon as the writer can
+        return not (self._fail_closed or self._closing)
 
     @property
     def committed(self) -> int:
@@ -208,15 +237,15 @@ class RecordWriter:
 
     @property
     def queued(self) -> int:
-        return len(self._q)
+        return self._queued
 
     @property
     def backlogged(self) -> bool:
         """Half the queue is full: producers that can wait (the workers' channels) should."""
-        return len(self._q) * 2 >= self._qmax
+        return self._queued * 2 >= self._qmax
 
     def stats(self) -> dict[str, int]:
-        return dataclasses.asdict(self._stats) | {"queued": len(self._q)}
+        return dataclasses.asdict(self._stats) | {"queued": self._queued}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -309,11 +338,11 @@ class RecordWriter:
                 if not self._q and not urgent and not self._inject:
                     wake.clear()
                     await self._wait(wake, next_house - loop.time())
-                elif self._q and len(self._q) < self._batch_max and not urgent:
+                elif self._q and self._queued < self._batch_max and not urgent:
                     deadline = (self._first_at if self._first_at is not None else loop.time()) + interval
                     wake.clear()
                     await self._wait(wake, min(deadline, next_house) - loop.time())
-                    if len(self._q) < self._batch_max and not self._closing and not self._waiters and loop.time() < deadline and not self._overflow_pending():
+                    if self._queued < self._batch_max and not self._closing and not self._waiters and loop.time() < deadline and not self._overflow_pending():
                         if loop.time() >= next_house:
                             next_house = await self._house_tick(next_house)
                         continue
@@ -381,8 +410,13 @@ class RecordWriter:
         backoff (the queue bounds the damage), so nothing acknowledged is lost."""
         assert self._loop is not None
         q = self._q
-        n = min(len(q), self._batch_max)
-        taken = [q.popleft() for _ in range(n)]
+        taken: list[Record | Copies] = []
+        n = 0
+        while q and n < self._batch_max:
+            item = q.popleft()
+            taken.append(item)
+            n += item.count if type(item) is Copies else 1
+        self._queued -= n
         self._first_at = self._loop.time() if not q else float("-inf")
         records = self._inject + self._overflow_alarms() + taken
         self._inject = []
@@ -404,9 +438,10 @@ class RecordWriter:
         if self._syslog is not None:
             self._forward(records)
 
-    def _forward(self, records: list[Record]) -> None:
+    def _forward(self, items: list[Record | Copies]) -> None:
         """Hand a committed batch to the syslog thread; a collector that cannot keep up
         costs counted failures (``SyslogSender.failed``), never the writer's time."""
+        records = [r for it in items for r in (it.records() if type(it) is Copies else (it,))]
         if self._syslog_backlog >= SYSLOG_BACKLOG_MAX:
             self._syslog.failed += len(records)  # type: ignore[union-attr]
             return
@@ -418,12 +453,20 @@ class RecordWriter:
         assert self._syslog_pool is not None
         self._syslog_pool.submit(self._syslog.send_many, records).add_done_callback(done)  # type: ignore[union-attr]
 
-    def _route(self, records: list[Record]) -> dict[str, list[Record]]:
+    def _route(self, records: list[Record | Copies]) -> dict[str, list[Record | Copies]]:
         """Group by day. Something that is not a record, or has no int ``ts``, becomes a
         ``bad_record`` alarm carrying it (never a silent drop)."""
-        groups: dict[str, list[Record]] = {}
+        groups: dict[str, list[Record | Copies]] = {}
         route = self._router
         for r in records:
+            if type(r) is Copies:
+                tss = [e[2] for e in r.entries]
+                if tss and route.lo <= min(tss) and max(tss) < route.hi:
+                    groups.setdefault(route.day, []).append(r)
+                else:
+                    for day, part in r.split(route).items():
+                        groups.setdefault(day, []).append(part)
+                continue
             if not isinstance(r, Record) or type(r.ts) is not int:
                 r = self._bad_record(r, TypeError("not a Record with an int ts"), int(self.clock() * US))
             ts = r.ts
@@ -443,7 +486,7 @@ class RecordWriter:
         log.error("bad record turned into an alarm: %s", exc)
         return Alarm(ts=ts, action="log", alarm_kind="bad_record", detail=f"{exc}: {body[:4000]}")
 
-    async def _write(self, st: DayState, recs: list[Record]) -> None:
+    async def _write(self, st: DayState, recs: list[Record | Copies]) -> None:
         """One transaction: the rows, the new interned strings, the batch and its hash.
 
         ``_Encoding`` runs on the encoder thread, chunk after chunk; ``executemany`` on
@@ -645,10 +688,10 @@ class _Encoding:
     """The encoder thread's part of one transaction: rows in ``chunk_plan`` chunks, handed
     to the SQL thread through a queue of ``ENCODED_AHEAD``, then the batch's hash."""
 
-    def __init__(self, st: DayState, recs: list[Record], bad_record: Callable[[Any, Exception, int], Record]) -> None:
+    def __init__(self, st: DayState, recs: list[Record | Copies], bad_record: Callable[[Any, Exception, int], Record]) -> None:
         self.st, self.recs, self.bad_record = st, recs, bad_record
         self.first = st.next_id
-        self.plan = chunk_plan(len(recs))
+        self.plan = chunk_plan(sum(r.count if type(r) is Copies else 1 for r in recs))
         self.logical: list[bytes] = []
         self.span = [2**63, -(2**63)]
         """Least and greatest ``ts`` of the batch's rows."""
@@ -658,11 +701,12 @@ class _Encoding:
     def run(self) -> tuple[bytes, int] | None:
         """(batch hash, rows) once every chunk is handed over; None if abandoned first."""
         try:
+            rows = self._rows()
             for size, lo, hi in self.plan:
                 for k in range(lo, hi, size):
                     flat: list[Any] = []
-                    for i in range(k, k + size):
-                        flat.extend(self._row(i))
+                    for _ in range(size):
+                        flat.extend(next(rows))
                     if not self._put(flat):
                         return None
         except BaseException as exc:
@@ -681,19 +725,30 @@ class _Encoding:
     def abandon(self) -> None:
         self._stop.set()
 
-    def _row(self, i: int) -> tuple[Any, ...]:
-        r, row_id = self.recs[i], self.first + i
-        try:
-            row, lg = self.st.encoder.encode(r, row_id)
-        except Exception as exc:  # any field the encoder chokes on: else the batch retries forever
-            row, lg = self.st.encoder.encode(self.bad_record(r, exc, r.ts), row_id)
-        self.logical.append(lg)
-        ts, span = row[2], self.span
-        if ts < span[0]:
-            span[0] = ts
-        if ts > span[1]:
-            span[1] = ts
-        return row
+    def _rows(self) -> Iterator[tuple[Any, ...]]:
+        """Every row of the batch in order, its logical bytes appended to ``logical``."""
+        row_id, span, encoder, logical = self.first, self.span, self.st.encoder, self.logical
+        for r in self.recs:
+            if type(r) is Copies:
+                tss = [e[2] for e in r.entries]  # before the rows: the last is taken, no more
+                if tss:
+                    span[0], span[1] = min(span[0], min(tss)), max(span[1], max(tss))
+                for row in encoder.encode_copies(r, row_id, logical):
+                    row_id += 1
+                    yield row
+                continue
+            try:
+                row, lg = encoder.encode(r, row_id)
+            except Exception as exc:  # any field the encoder chokes on: else the batch retries forever
+                row, lg = encoder.encode(self.bad_record(r, exc, r.ts), row_id)
+            row_id += 1
+            logical.append(lg)
+            ts = row[2]
+            if ts < span[0]:
+                span[0] = ts
+            if ts > span[1]:
+                span[1] = ts
+            yield row
 
     def _put(self, item: list[Any] | BaseException) -> bool:
         """Hand ``item`` to the SQL thread; False once the transaction is abandoned."""

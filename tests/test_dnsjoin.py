@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from linewarden.dnsjoin import JOIN_MAX_AGE_S, JOIN_MIN_AGE_S, US, DnsJoin, JoinSink
 from storage.records import Conn, Dns, Http
+from storage.schema import Copies
 
 T0 = 1_700_000_000 * US
 
@@ -262,3 +265,18 @@ def test_the_app_holds_conns_for_a_name_only_with_the_dns_shim(tmp_path) -> None
         return App(cfg).writer.join.hold_us
 
     assert hold(True) == int(JOIN_HOLD_S * US) and hold(False) == 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6)), max_size=30))
+def test_copies_teach_the_table_what_their_records_would_have(order: list[tuple[int, int]]) -> None:
+    """The hit path's Copies learn once per prototype; the table ends the same as if
+    every record had been learnt in turn (names, expiries and recency order)."""
+    protos = [dns("a.test", ["192.0.2.1"]), dns("b.test", ["192.0.2.1", "192.0.2.2"]),
+              dns("c.test", ["192.0.2.2"], client="10.0.0.6"), dns("d.test", ["cname.test"])]
+    entries = [(protos[i], None, T0 + dt, f"u{k}", 1, 1, 1) for k, (i, dt) in enumerate(order)]
+    one_by_one, copied = JoinSink(FakeWriter()), JoinSink(FakeWriter())
+    for rec in Copies.of(entries).records():
+        one_by_one.submit(rec)
+    copied.writer.submit_copies = lambda c: True  # type: ignore[attr-defined]
+    assert copied.submit_copies(Copies.of(entries))
+    assert list(copied.join.table.items()) == list(one_by_one.join.table.items())
