@@ -236,6 +236,30 @@ def count_dns_records(store: Path) -> int:
     return sum(1 for _ in query(store, kind="dns"))
 
 
+def stored_dns_rows(store: Path) -> int:
+    """DNS rows committed so far, counted in SQLite directly (cheap enough to poll)."""
+    import sqlite3
+
+    n = 0
+    for f in sorted(store.glob("*.sqlite")):
+        try:
+            with sqlite3.connect(f"file:{f}?mode=ro", uri=True, timeout=5) as c:
+                n += c.execute("SELECT count(*) FROM rec JOIN kinds ON rec.kind = kinds.code "
+                               "WHERE kinds.tag = 'dns'").fetchone()[0]
+        except sqlite3.Error:
+            pass
+    return n
+
+
+def wait_recorded(store: Path, sent: int, timeout: float = 120.0) -> float:
+    """Seconds until the store holds a record of every query sent (linewarden answers
+    before its writer commits): each workload starts with the store caught up."""
+    t0 = time.monotonic()
+    while stored_dns_rows(store) < sent and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10, help="length of each dnsperf run")
@@ -305,6 +329,10 @@ def main() -> int:
                         data, once = work / f"miss-{name}.txt", True
                         tag = f"{re.sub('[^a-z0-9]', '', name)}{rnd.getrandbits(24):06x}"
                         data.write_text("".join(f"m{i}.{tag}.{ZONE} A\n" for i in range(args.miss_names)))
+                    if name == "linewarden":
+                        waited = wait_recorded(work / "store", recorded.get(name, (0, 0))[1] + sent)
+                        print(f"round {rnd_i + 1} {name:12s} store caught up {waited:.1f} s before {workload}",
+                              flush=True)
                     r = dnsperf(port, data, args.seconds, once, work / f"{name}-{workload}.txt")
                     r.server, r.workload = name, workload
                     results.append(r)

@@ -129,10 +129,20 @@ class StoreLock:
             self.fd = None
 
 
+PAGE_SIZE = 16384
+"""Bytes per page of a new day file (SQLite's default is 4096)."""
+
+
 def pragmas(synchronous: str = "FULL") -> list[str]:
     # WAL: readers (query, backup) never block the writer, and a crash mid-commit leaves the
     # last committed state. synchronous=FULL also fsyncs the WAL at each commit.
     return [
+        # 16 KiB pages for a new file (an existing file keeps its own; WAL fixes it): a
+        # row is appended to a page 4x less often and the index on the domain is
+        # shallower. Measured: SQLite alone 6.4 against 8.2 us a row (600k DNS-shaped
+        # rows); the whole writer 14.0 against 14.4 us of CPU a record, 4 % more records
+        # a second, and 86 against 87 bytes a record on disk.
+        f"PRAGMA page_size={PAGE_SIZE}",
         "PRAGMA journal_mode=WAL",
         f"PRAGMA synchronous={synchronous}",
         "PRAGMA temp_store=MEMORY",
