@@ -77,6 +77,10 @@ its per-record overflow policy applies at ``CHANNEL_MAX_BUFFER``. So a fast path
 outruns the store: what it answers, the writer keeps up with."""
 BACKLOG_POLL_S = 0.01
 """While the writer is backlogged the channel readers stop reading; they look again this often."""
+BACKLOG_PAUSE_MAX_S = 2.0
+"""Longest a channel reader pauses in one backlog. A busy writer drains in far less; past it
+the writer is stuck, and reading goes on so that its overflow policy (with its alarms)
+decides, as it would without the pause. No pause again until the backlog has cleared."""
 START_TIMEOUT_S = 60.0
 """A worker must compile the rule set and bind within this, or start fails."""
 STOP_TIMEOUT_S = 10.0
@@ -239,6 +243,9 @@ class ChannelReader(asyncio.Protocol):
         self.on_lost = on_lost
         self.buf = bytearray()
         self.paused = False
+        self.paused_at = 0.0
+        self.overridden = False
+        """A pause ran out (``BACKLOG_PAUSE_MAX_S``): none again until the backlog clears."""
         self.templates: dict[int, dns_hits.Template] = {}
         """The worker's hit-path templates by number (at most ``dns_hits.TEMPLATE_MAX``)."""
         self.closed = asyncio.get_running_loop().create_future()
@@ -259,19 +266,26 @@ class ChannelReader(asyncio.Protocol):
                 self._frame(bytes(kind), payload)
             except Exception:
                 log.exception("bad frame from dns worker %d", self.worker.index)
-        if not self.paused and getattr(self.writer, "backlogged", False) and self.transport is not None:
+        backlogged = getattr(self.writer, "backlogged", False)
+        if not backlogged:
+            self.overridden = False
+        elif not self.paused and not self.overridden and self.transport is not None:
             # The writer is behind: leave the records in the worker's socket buffer (it then
             # slows down, see HIT_PATH_MAX_BUFFER) rather than drop them here.
-            self.paused = True
+            loop = asyncio.get_running_loop()
+            self.paused, self.paused_at = True, loop.time()
             self.transport.pause_reading()
-            asyncio.get_running_loop().call_later(BACKLOG_POLL_S, self._resume_when_drained)
+            loop.call_later(BACKLOG_POLL_S, self._resume_when_drained)
 
     def _resume_when_drained(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        loop = asyncio.get_running_loop()
         if getattr(self.writer, "backlogged", False):
-            asyncio.get_running_loop().call_later(BACKLOG_POLL_S, self._resume_when_drained)
-            return
+            if loop.time() - self.paused_at < BACKLOG_PAUSE_MAX_S:
+                loop.call_later(BACKLOG_POLL_S, self._resume_when_drained)
+                return
+            self.overridden = True
         self.paused = False
         self.transport.resume_reading()
 

@@ -71,6 +71,7 @@ async def rig(tmp_path: Path, zone: Zone) -> AsyncIterator[ChannelRig]:
     loop = asyncio.get_running_loop()
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     handle = WorkerHandle(index=0)
+    handle.ready.set_result(True)  # as after the worker's hello
     _, handle.reader = await loop.connect_accepted_socket(lambda: ChannelReader(writer, handle), parent)
     transport, _ = await loop.connect_accepted_socket(_SinkProtocol, child)
     sink = ChannelSink(transport, fail_open=True)  # type: ignore[arg-type]
@@ -240,3 +241,67 @@ def test_serve_leaves_everything_unknown_to_python() -> None:
     finally:
         srv.close()
         cli.close()
+
+
+async def test_a_stuck_store_stops_the_holding_and_the_python_path_answers(
+        rig: ChannelRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holding is for a busy writer; a stuck one gets the overflow policy (fail-open: answer)."""
+    import proxy.dns_shim as shim_mod
+
+    monkeypatch.setattr(shim_mod, "HOLD_MAX_S", 0.2)
+    await rig.ask(make_query("www.lw.test"))
+    rig.sink.accepting = lambda: False  # type: ignore[method-assign]
+    t0 = asyncio.get_running_loop().time()
+    out = await rig.ask(make_query("www.lw.test", qid=78))
+    waited = asyncio.get_running_loop().time() - t0
+    assert out[:2] == (78).to_bytes(2, "big") and 0.15 < waited < 2.0
+    assert rig.shim.stats["udp_held"] >= 1 and rig.shim.stats["fast_hits"] == 0
+
+
+async def test_the_channel_reader_pauses_for_a_busy_writer_not_for_a_stuck_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import linewarden.workers as workers_mod
+
+    monkeypatch.setattr(workers_mod, "BACKLOG_PAUSE_MAX_S", 0.2)
+
+    class Writer:
+        backlogged = True
+
+        def __init__(self) -> None:
+            self.got: list[Any] = []
+
+        def submit(self, r: Any) -> bool:
+            self.got.append(r)
+            return True
+
+    loop = asyncio.get_running_loop()
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    w = Writer()
+    handle = WorkerHandle(index=0)
+    handle.ready.set_result(True)  # as after the worker's hello
+    _, reader = await loop.connect_accepted_socket(lambda: ChannelReader(w, handle), parent)
+    transport, _ = await loop.connect_accepted_socket(_SinkProtocol, child)
+    sink = ChannelSink(transport, fail_open=True)  # type: ignore[arg-type]
+    try:
+        sink.submit(Dns(ts=1, qname="a"))
+        sink.flush()
+        await asyncio.sleep(0.05)
+        assert len(w.got) == 1 and reader.paused  # a backlog: the next frame waits
+        sink.submit(Dns(ts=2, qname="b"))
+        sink.flush()
+        await asyncio.sleep(0.05)
+        assert len(w.got) == 1
+        await asyncio.sleep(0.3)  # still backlogged past the limit: reading goes on
+        assert len(w.got) == 2 and not reader.paused and reader.overridden
+        sink.submit(Dns(ts=3, qname="c"))
+        sink.flush()
+        await asyncio.sleep(0.05)
+        assert len(w.got) == 3 and not reader.paused  # no new pause until the backlog clears
+        w.backlogged = False
+        sink.submit(Dns(ts=4, qname="d"))
+        sink.flush()
+        await asyncio.sleep(0.05)
+        assert len(w.got) == 4 and not reader.overridden
+    finally:
+        transport.close()
+        await asyncio.sleep(0.01)
