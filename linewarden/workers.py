@@ -166,7 +166,10 @@ class ChannelSink:
         return self.transport.get_write_buffer_size() <= HIT_PATH_MAX_BUFFER and not self.transport.is_closing()
 
     def template(self, tid: int, tmpl: dns_hits.Template) -> None:
-        """A hit-path record template, sent at once: it precedes every hit that names it."""
+        """A hit-path record template, sent at once: it precedes every hit that names it,
+        and follows every hit held (a number reused after a wrap must not rename them)."""
+        if self.hit_buf:
+            self.flush()
         self.transport.write(frame(b"T", _encoder.encode((tid, tmpl))))
 
     def hits(self, records: bytes) -> None:

@@ -35,10 +35,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any, Protocol
 
-from storage.records import Alarm, Dns, Record
+from storage.records import Alarm, Dns
 from storage.schema import Copies
 
 try:
@@ -70,7 +69,8 @@ Template = tuple[str, Dns, Alarm | None]
 class HitSink(Protocol):
     """Where hit records go: the worker's channel to the main process."""
 
-    def template(self, tid: int, tmpl: Template) -> None: ...
+    def template(self, tid: int, tmpl: Template) -> None:
+        """Send ``tmpl`` as number ``tid``, after every hit record handed over before."""
 
     def hits(self, records: bytes) -> None: ...
 
@@ -97,11 +97,6 @@ def copies(records: bytes, templates: dict[int, Template]) -> Copies:
     return Copies.of(entries)
 
 
-def expand(records: bytes, templates: dict[int, Template]) -> Iterator[Record]:
-    """Hit records back into the records the Python path would have written."""
-    return iter(copies(records, templates).records())
-
-
 class FastHits:
     """The worker side: the table, the template numbers, one ``serve`` per readable socket."""
 
@@ -111,46 +106,53 @@ class FastHits:
         self.table: dict[bytes, tuple[bytes, int, float]] = {}
         self.records = bytearray()
         self.next_tid = 0
+        self.tids: dict[int, tuple[Dns, int]] = {}
+        """id(prototype) -> (prototype, its template number), for the numbers in use."""
         self.anchor: object = None
         """The engine state the table's answers were decided under."""
-        self.served = 0
-        self.unsent = 0
 
-    def new_template(self, proto: Dns, alarm: Alarm | None) -> int:
-        """Number a record prototype and send it ahead of any hit record that names it."""
+    def template_of(self, proto: Dns, alarm: Alarm | None) -> int:
+        """The number of a record prototype (and its alarm), sent to the sink the first time."""
+        got = self.tids.get(id(proto))
+        if got is not None and got[0] is proto:
+            return got[1]
         if self.next_tid >= TEMPLATE_MAX:
             self.reset()
-            self.next_tid = 0
         tid = self.next_tid
         self.next_tid += 1
+        self.tids[id(proto)] = (proto, tid)
         self.sink.template(tid, (self.prefix, proto, alarm))
         return tid
 
-    def learn(self, ip: str, data: bytes, resp: bytes, tid: int, until: float) -> None:
-        """Serve ``resp`` (for any id) to ``ip`` asking ``data`` (any id) until ``until``."""
+    def learn(self, ip: str, data: bytes, resp: bytes, proto: Dns, alarm: Alarm | None,
+              until: float) -> None:
+        """Serve ``resp`` (for any id) to ``ip`` asking ``data`` (any id) until ``until``,
+        recorded as copies of ``proto`` (and ``alarm``)."""
         ck = client_key(ip)
         if ck is None or len(data) < 12 or resp[:2] != data[:2]:
             return
         if len(self.table) >= TABLE_MAX:
             self.table.clear()
-        self.table[ck + data[2:]] = (resp[2:], tid, until)
+        self.table[ck + data[2:]] = (resp[2:], self.template_of(proto, alarm), until)
 
     def reset(self) -> None:
-        """Forget every answer and send the hit records held (before template numbers wrap)."""
+        """Template numbers wrap: forget every answer and number, hand over the hit records
+        held (the sink sends them ahead of the next template, ``HitSink.template``)."""
         self.table.clear()
+        self.tids.clear()
+        self.next_tid = 0
         self.flush()
 
-    def serve(self, fd: int, seq: int, state: object) -> tuple[list[tuple[bytes, Any]], int, bool]:
-        """One batch: hits answered here; returns (misses for the Python path, seq after, more)."""
+    def serve(self, fd: int, seq: int, state: object) -> tuple[list[tuple[bytes, Any]], int, int]:
+        """One batch: hits answered here; returns (misses for the Python path, seq after,
+        answers the socket refused)."""
         if state is not self.anchor:
             self.table.clear()
             self.anchor = state
-        misses, seq, hits, unsent, more = _dnshits.serve(fd, self.table, self.records, seq, MAX_BATCH)
+        misses, seq, hits, unsent, _more = _dnshits.serve(fd, self.table, self.records, seq, MAX_BATCH)
         if hits:
-            self.served += hits
-            self.unsent += unsent
             self.flush()
-        return misses, seq, more
+        return misses, seq, unsent
 
     def flush(self) -> None:
         if self.records:

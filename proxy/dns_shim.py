@@ -418,10 +418,10 @@ class DnsShim:
         self._health: asyncio.Task[None] | None = None
         self._uid_prefix = uid_prefix or f"D{secrets.token_hex(3)}."
         self._uid = itertools.count(1)
-        self._protos: dict[tuple[Any, ...], tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None, int]] = {}
+        self._protos: dict[tuple[Any, ...], tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None]] = {}
         """RECORD_MEMO_MAX: (id(entry), client ip, transport, qname) for a cache hit, or
         ("block", client ip, transport, qname, qtype) for a block → (entry or None, verdict,
-        identity binding, record, alarm or None, template number of the hit path or -1).
+        identity binding, record, alarm or None).
         The entry, verdict and binding are held and compared by identity, so a reused id()
         or a reload (new verdicts) never matches."""
         self.fast = dns_hits.FastHits(writer, self._uid_prefix) if dns_hits.usable(writer) else None
@@ -583,7 +583,7 @@ class DnsShim:
         answered and recorded in C, the rest take the Python path one by one."""
         seq = next(self._uid)
         try:
-            misses, after, _more = fast.serve(sock.fileno(), seq, self.engine.state)
+            misses, after, unsent = fast.serve(sock.fileno(), seq, self.engine.state)
         except OSError:
             self._uid = itertools.count(seq)
             self.stats["udp_errors"] += 1
@@ -592,6 +592,8 @@ class DnsShim:
         if after != seq:
             self.stats["queries"] += after - seq
             self.stats["fast_hits"] += after - seq
+        if unsent:
+            self.stats["udp_send_dropped"] += unsent
         for data, addr in misses:
             on_udp(data, addr)
 
@@ -729,7 +731,7 @@ class DnsShim:
         if key is not None:
             memo = self._protos.get(key)
             if memo is not None and memo[0] is entry and memo[1] is verdict and memo[2] is ident:
-                self._from_memo(memo, data, q, ip, port, send, t_ns, now_ns, resp, until)
+                self._from_memo(memo, data, q, ip, port, send, t_ns, now_ns, resp, until, transport)
                 return
         account = ident.account if ident else None
         mac = ident.mac if ident else None
@@ -760,13 +762,10 @@ class DnsShim:
                 detail=f"dns query {q.qname} {fp.record_text(q.qtype)} blocked: category "
                        f"{alarm_category}, rule {m.rule_id} ({m.pattern}) on {m.where}",
             )
-        tid = -1
         if key is not None:
-            if self.fast is not None and transport == "udp":
-                tid = self.fast.new_template(rec, alarm)
             if len(self._protos) >= RECORD_MEMO_MAX:
                 self._protos.clear()
-            self._protos[key] = (entry, verdict, ident, rec, alarm, tid)
+            self._protos[key] = (entry, verdict, ident, rec, alarm)
         ok = self.writer.submit(rec)
         if alarm is not None:
             ok = self.writer.submit(alarm) and ok
@@ -774,13 +773,13 @@ class DnsShim:
             # Fail-closed overflow: nothing unrecorded gets an answer (DESIGN.md principles).
             self.stats["unrecorded"] += 1
             resp = fp.build_rcode(data, q, fp.SERVFAIL)
-        elif tid >= 0 and until is not None:
-            self.fast.learn(ip, data, resp, tid, until)  # type: ignore[union-attr]
+        elif key is not None and until is not None and self.fast is not None and transport == "udp":
+            self.fast.learn(ip, data, resp, rec, alarm, until)
         send(resp)
 
-    def _from_memo(self, memo: tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None, int],
+    def _from_memo(self, memo: tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None],
                    data: bytes, q: fp.Query, ip: str, port: int, send: Callable[[bytes], None],
-                   t_ns: int, now_ns: int, resp: bytes, until: float | None) -> None:
+                   t_ns: int, now_ns: int, resp: bytes, until: float | None, transport: str) -> None:
         """A repeated question: its record is the prototype's copy with the per-query fields."""
         uid = f"{self._uid_prefix}{next(self._uid):x}"
         ts = t_ns // 1000
@@ -792,8 +791,8 @@ class DnsShim:
             self.stats["unrecorded"] += 1
             send(fp.build_rcode(data, q, fp.SERVFAIL))
             return
-        if memo[5] >= 0 and until is not None:
-            self.fast.learn(ip, data, resp, memo[5], until)  # type: ignore[union-attr]
+        if until is not None and self.fast is not None and transport == "udp":
+            self.fast.learn(ip, data, resp, memo[3], memo[4], until)
         send(resp)
 
     def _malformed(self, data: bytes, client: Any, transport: str,

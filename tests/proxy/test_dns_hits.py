@@ -185,7 +185,7 @@ def test_expand_rebuilds_each_record_from_its_template() -> None:
     alarm = Alarm(ts=0, uid="x", client_ip="10.0.0.7", action="block", detail="d")
     raw = (dns_hits.HIT_RECORD.pack(1_700_000_000_000_000, 0x1f, 0, 5353, 7, 12)
            + dns_hits.HIT_RECORD.pack(1_700_000_000_000_001, 0x20, 1, 5354, 8, 0))
-    out = list(dns_hits.expand(raw, {0: ("Dp.", proto, None), 1: ("Dp.", proto, alarm)}))
+    out = dns_hits.copies(raw, {0: ("Dp.", proto, None), 1: ("Dp.", proto, alarm)}).records()
     assert [type(r) for r in out] == [Dns, Dns, Alarm]
     assert (out[0].ts, out[0].uid, out[0].client_port, out[0].dns_id, out[0].latency_us) == (
         1_700_000_000_000_000, "Dp.1f", 5353, 7, 12)
@@ -201,7 +201,7 @@ def test_hit_records_round_trip(rows: list[tuple[int, int, int, int, int, int]])
     proto = Dns(ts=0, qname="n")
     tmpl = {i: (f"P{i}.", proto, None) for i in range(4)}
     raw = b"".join(dns_hits.HIT_RECORD.pack(*r) for r in rows)
-    out = list(dns_hits.expand(raw, tmpl))
+    out = dns_hits.copies(raw, tmpl).records()
     assert [(r.ts, r.uid, r.client_port, r.dns_id, r.latency_us) for r in out] == [
         (ts, f"P{t}.{seq:x}", port, did, lat) for ts, seq, t, port, did, lat in rows]
 
@@ -305,3 +305,22 @@ async def test_the_channel_reader_pauses_for_a_busy_writer_not_for_a_stuck_one(
     finally:
         transport.close()
         await asyncio.sleep(0.01)
+
+
+async def test_template_numbers_wrap_without_renaming_earlier_hits(
+        rig: ChannelRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 template numbers, names asked in turn reuse them all the time: every record
+    still names the question its query asked."""
+    monkeypatch.setattr(dns_hits, "TEMPLATE_MAX", 2)
+    names = ["www.lw.test", "WWW.lw.test", "wWw.lw.test", "www.casino.lw.test"]
+    qid = 0
+    for _ in range(3):
+        for n in names:
+            for _ in range(3):
+                qid += 1
+                await rig.ask(make_query(n, qid=qid))
+    assert rig.shim.stats["fast_hits"] >= 10
+    recs = dns_records(await rig.records())
+    assert [r.dns_id for r in recs] == list(range(1, qid + 1))
+    asked = [n for _ in range(3) for n in names for _ in range(3)]
+    assert [r.qname for r in recs] == asked
