@@ -59,8 +59,6 @@ BLOCK_VALID_S = 1.0
 """How long a block answer is served from the table before the shim is asked again
 (blocks change only on reload, which empties the table; the refresh keeps the
 shim's own counters and memo warm)."""
-MAX_BATCH = 64
-"""Datagrams per ``recvmmsg`` (the C module's limit)."""
 
 Template = tuple[str, Dns, Alarm | None]
 """(uid prefix, dns record prototype, alarm prototype or None)."""
@@ -143,13 +141,13 @@ class FastHits:
         self.next_tid = 0
         self.flush()
 
-    def serve(self, fd: int, seq: int, state: object) -> tuple[list[tuple[bytes, Any]], int, int]:
-        """One batch: hits answered here; returns (misses for the Python path, seq after,
-        answers the socket refused)."""
+    def serve(self, fd: int, seq: int, state: object, batch: int) -> tuple[list[tuple[bytes, Any]], int, int]:
+        """One ``recvmmsg`` of up to ``batch`` datagrams (64 at most): hits answered here;
+        returns (misses for the Python path, seq after, answers the socket refused)."""
         if state is not self.anchor:
             self.table.clear()
             self.anchor = state
-        misses, seq, hits, unsent, _more = _dnshits.serve(fd, self.table, self.records, seq, MAX_BATCH)
+        misses, seq, hits, unsent, _more = _dnshits.serve(fd, self.table, self.records, seq, batch)
         if hits:
             self.flush()
         return misses, seq, unsent

@@ -583,7 +583,7 @@ class DnsShim:
         answered and recorded in C, the rest take the Python path one by one."""
         seq = next(self._uid)
         try:
-            misses, after, unsent = fast.serve(sock.fileno(), seq, self.engine.state)
+            misses, after, unsent = fast.serve(sock.fileno(), seq, self.engine.state, UDP_BATCH)
         except OSError:
             self._uid = itertools.count(seq)
             self.stats["udp_errors"] += 1
