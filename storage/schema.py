@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,13 @@ from struct import error as struct_error
 
 from storage.communityid import community_id
 from storage.records import RECORD_TYPES, Action, Record
+
+try:
+    from storage import _copies
+except ImportError:  # built without a C compiler: Python builds the rows of Copies
+    _copies = None
+if os.environ.get("LINEWARDEN_PURE_PYTHON", "") not in ("", "0"):
+    _copies = None
 
 FORMAT_VERSION = 1
 """Bumped when the table layout changes incompatibly; stored in each file's ``meta``."""
@@ -438,6 +446,8 @@ class RowEncoder:
         self.interner = interner
         self._by_type = {lay.cls: _compile_encoder(lay, interner) for lay in layouts.values()}
         self._plans: dict[int, tuple[Any, ...]] = {}
+        self._cplans: dict[int, tuple[Any, ...]] = {}
+        """id(prototype) -> the C code's plan (``_c_plan``), the prototype held likewise."""
         """id(prototype) -> its copy plan (``_plan``); the prototype is held in the plan,
         so an id is never reused while its plan is here."""
 
@@ -450,48 +460,91 @@ class RowEncoder:
     def encode_copies(self, copies: Copies, row_id: int, out: list[bytes]) -> Iterator[tuple[Any, ...]]:
         """Rows of ``copies`` from ``row_id`` on (a companion right after its copy); each
         row's logical bytes are appended to ``out``. The same rows and bytes as ``encode``
-        of ``copies.records()``, built from each prototype's encoding once."""
-        plans = self._plans
+        of ``copies.records()``, built from each prototype's encoding once: in C
+        (``storage._copies``) where it is built, else here."""
+        entries = copies.entries
+        i, n = 0, len(entries)
+        planned = -1
+        while i < n:
+            if _copies is not None:
+                rows, i = _copies.rows(entries, i, self._cplans, row_id, out)
+                row_id += len(rows)
+                yield from rows
+                if i >= n:
+                    return
+                if planned != i:  # C stopped here: a prototype it has no plan for yet
+                    planned = i
+                    if self._c_plan(entries[i][0], entries[i][1])[2] is not None:
+                        continue
+            for row in self._encode_one(entries[i], row_id, out):
+                row_id += 1
+                yield row
+            i += 1
+
+    def _encode_one(self, entry: tuple[Any, ...], row_id: int, out: list[bytes]) -> Iterator[tuple[Any, ...]]:
+        proto, companion, ts, uid, port, dns_id, latency = entry
+        plan = self._plans.get(id(proto))
+        if plan is None or plan[0] is not proto or plan[2] is not companion:
+            plan = self._plan(proto, companion)
+        if plan[1] is None:
+            # No plan for this prototype (see _plan): the general encoder, record by record.
+            for rec in Copies.expand_one(proto, companion, ts, uid, port, dns_id, latency):
+                row, lg = self.encode(rec, row_id)
+                row_id += 1
+                out.append(lg)
+                yield row
+            return
         enc = _enc.encode
-        for proto, companion, ts, uid, port, dns_id, latency in copies.entries:
-            plan = plans.get(id(proto))
-            if plan is None or plan[0] is not proto or plan[2] is not companion:
-                plan = self._plan(proto, companion)
-            if plan[1] is None:
-                # No plan for this prototype (see _plan): the general encoder, record by record.
-                for rec in copies.expand_one(proto, companion, ts, uid, port, dns_id, latency):
-                    row, lg = self.encode(rec, row_id)
-                    row_id += 1
-                    out.append(lg)
-                    yield row
-                continue
-            r, t0, x0, sd, ix = plan[1], plan[3], plan[4], plan[5], plan[6]
-            t = t0.copy()
-            t[ix[0]] = ts
-            t[ix[1]] = uid
-            t[ix[2]] = port
-            t[ix[3]] = dns_id
-            t[ix[4]] = latency
-            x = x0.copy()
-            x[ix[5]] = dns_id
-            x[ix[6]] = latency
-            while x and x[-1] == sd[len(x) - 1] and type(x[-1]) is type(sd[len(x) - 1]):
-                x.pop()
-            out.append(enc((r[1], t)))
-            yield (row_id, r[0], ts, uid, r[2], r[3], port, r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                   r[11], None, r[12], enc(x) if x else None)
-            row_id += 1
+        r, t0, x0, sd, ix = plan[1], plan[3], plan[4], plan[5], plan[6]
+        t = t0.copy()
+        t[ix[0]] = ts
+        t[ix[1]] = uid
+        t[ix[2]] = port
+        t[ix[3]] = dns_id
+        t[ix[4]] = latency
+        x = x0.copy()
+        x[ix[5]] = dns_id
+        x[ix[6]] = latency
+        while x and x[-1] == sd[len(x) - 1] and type(x[-1]) is type(sd[len(x) - 1]):
+            x.pop()
+        out.append(enc((r[1], t)))
+        yield (row_id, r[0], ts, uid, r[2], r[3], port, r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+               r[11], None, r[12], enc(x) if x else None)
+        if companion is not None:
+            cp = plan[7]
+            ar, at0, ax, aix = cp[1], cp[3], cp[4], cp[6]
+            at = at0.copy()
+            at[aix[0]] = ts
+            at[aix[1]] = uid
+            at[aix[2]] = port
+            out.append(enc((ar[1], at)))
+            yield (row_id + 1, ar[0], ts, uid, ar[2], ar[3], port, ar[4], ar[5], ar[6], ar[7], ar[8],
+                   ar[9], ar[10], ar[11], None, ar[12], ax)
+
+    def _c_plan(self, proto: Record, companion: Record | None) -> tuple[Any, ...]:
+        """The plan of ``storage/_copies.c`` (see there) for ``proto``, made from ``_plan``:
+        its logical values' and ``x``'s msgpack cut around what changes per copy. None in
+        the third place where the C code must leave the prototype to ``_encode_one``."""
+        if len(self._cplans) >= COPY_PLANS_MAX:
+            self._cplans.clear()
+        plan = self._plans.get(id(proto))
+        if plan is None or plan[0] is not proto or plan[2] is not companion:
+            plan = self._plan(proto, companion)
+        cplan: tuple[Any, ...] = (proto, companion, None)
+        if plan[1] is not None:
+            r, t0, x0, ix = plan[1], plan[3], plan[4], plan[6]
+            segs = _cut((r[1], t0), t0, ix[:5])
+            # x is cut only where no trailing value can be trimmed: latency_us, an int, last.
+            xsegs = _cut(x0, x0, ix[5:7]) if ix[6] == len(x0) - 1 else None
+            comp = None
             if companion is not None:
                 cp = plan[7]
-                ar, at0, ax, aix = cp[1], cp[3], cp[4], cp[6]
-                at = at0.copy()
-                at[aix[0]] = ts
-                at[aix[1]] = uid
-                at[aix[2]] = port
-                out.append(enc((ar[1], at)))
-                yield (row_id, ar[0], ts, uid, ar[2], ar[3], port, ar[4], ar[5], ar[6], ar[7], ar[8],
-                       ar[9], ar[10], ar[11], None, ar[12], ax)
-                row_id += 1
+                csegs = _cut((cp[1][1], cp[3]), cp[3], cp[6][:3])
+                comp = None if csegs is None else (cp[1], csegs, cp[4])
+            if segs is not None and xsegs is not None and (companion is None or comp is not None):
+                cplan = (proto, companion, r, segs, xsegs, comp)
+        self._cplans[id(proto)] = cplan
+        return cplan
 
     def _plan(self, proto: Record, companion: Record | None) -> tuple[Any, ...]:
         """How the copies of ``proto`` (and of its companion) are built: the prototype's
@@ -538,6 +591,21 @@ COMPANION_FIELDS = ("ts", "uid", "client_port")
 """What differs between the copies of a prototype's companion (the alarm of a block)."""
 COPY_PLANS_MAX = 65_536
 """Prototypes whose encoding a RowEncoder keeps (cleared when full)."""
+
+
+def _cut(whole: Any, values: list[Any], at: Any) -> tuple[bytes, ...] | None:
+    """The msgpack of ``whole`` (which ends with the array ``values``) cut around the
+    values at the increasing indexes ``at``: len(at) + 1 pieces, the cut values left out."""
+    at = list(at)
+    if at != sorted(set(at)):
+        return None
+    parts = [_enc.encode(v) for v in values]
+    full = _enc.encode(whole)
+    head = full[:len(full) - sum(map(len, parts))]
+    bounds = [-1, *at, len(parts)]
+    pieces = [b"".join(parts[a + 1:b]) for a, b in zip(bounds, bounds[1:])]
+    pieces[0] = head + pieces[0]
+    return tuple(pieces)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,293 @@
+/* storage._copies: the rows of storage.schema.Copies, built in C.
+ *
+ * rows(entries, start, plans, row_id, logical) -> (rows, stop)
+ *
+ * `entries` are Copies.entries: (proto, companion, ts, uid, client_port, dns_id,
+ * latency_us). `plans` maps id(proto) to a plan made by storage/schema.py
+ * (RowEncoder._c_plan):
+ *     (proto, companion, r, segs, xsegs, comp)
+ *   r     the 13 row values that do not change between copies (RowEncoder._part)
+ *   segs  6 bytes: the msgpack of the prototype's logical values cut around the
+ *         five values that change (ts, uid, client_port, dns_id, latency_us)
+ *   xsegs 3 bytes: the msgpack of its ``x`` array cut around dns_id and latency_us
+ *   comp  None, or the companion's (r, segs of 4 around ts, uid, client_port, x)
+ * or (proto, companion, None) where only Python may encode the prototype.
+ *
+ * From `start` on, each entry whose plan is here becomes its row (and its
+ * companion's) and the logical bytes appended to `logical`; the first entry
+ * without one stops the loop, and its index is returned for Python to handle
+ * (schema.py encodes it, makes the plan, and calls again).
+ *
+ * The msgpack written here is msgspec's: the shortest form of each integer and
+ * string. tests/storage/test_copies.py holds rows and bytes equal to the general
+ * encoder's over generated values.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} Buf;
+
+static int grow(Buf *b, Py_ssize_t need) {
+    if (b->n + need <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap * 2 : 256;
+    while (cap < b->n + need)
+        cap *= 2;
+    char *p = PyMem_Realloc(b->p, (size_t)cap);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int put(Buf *b, const char *s, Py_ssize_t n) {
+    if (grow(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->n, s, (size_t)n);
+    b->n += n;
+    return 0;
+}
+
+static int put_bytes(Buf *b, PyObject *bytes) {
+    return put(b, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+}
+
+static int put_be(Buf *b, unsigned char tag, unsigned long long v, int n) {
+    char tmp[9];
+    tmp[0] = (char)tag;
+    for (int i = 0; i < n; i++)
+        tmp[1 + i] = (char)((v >> (8 * (n - 1 - i))) & 0xff);
+    return put(b, tmp, 1 + n);
+}
+
+/* msgpack int, shortest form; -1 with an exception for a non-int or one over 64 bits. */
+static int put_int(Buf *b, PyObject *o) {
+    if (!PyLong_CheckExact(o)) {
+        PyErr_SetString(PyExc_TypeError, "not an int");
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        return put_be(b, 0xcf, u, 8);
+    }
+    if (overflow < 0) {
+        PyErr_SetString(PyExc_OverflowError, "int below -2**63");
+        return -1;
+    }
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v >= 0) {
+        if (v < 128) {
+            char c = (char)v;
+            return put(b, &c, 1);
+        }
+        if (v < 256)
+            return put_be(b, 0xcc, (unsigned long long)v, 1);
+        if (v < 65536)
+            return put_be(b, 0xcd, (unsigned long long)v, 2);
+        if (v < 4294967296LL)
+            return put_be(b, 0xce, (unsigned long long)v, 4);
+        return put_be(b, 0xcf, (unsigned long long)v, 8);
+    }
+    if (v >= -32) {
+        char c = (char)(0xe0 | (v + 32));
+        return put(b, &c, 1);
+    }
+    if (v >= -128)
+        return put_be(b, 0xd0, (unsigned long long)v & 0xff, 1);
+    if (v >= -32768)
+        return put_be(b, 0xd1, (unsigned long long)v & 0xffff, 2);
+    if (v >= -2147483648LL)
+        return put_be(b, 0xd2, (unsigned long long)v & 0xffffffffULL, 4);
+    return put_be(b, 0xd3, (unsigned long long)v, 8);
+}
+
+static int put_str(Buf *b, PyObject *o) {
+    if (!PyUnicode_CheckExact(o)) {
+        PyErr_SetString(PyExc_TypeError, "not a str");
+        return -1;
+    }
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (s == NULL)
+        return -1;
+    int r;
+    if (n < 32) {
+        char c = (char)(0xa0 | n);
+        r = put(b, &c, 1);
+    } else if (n < 256) {
+        r = put_be(b, 0xd9, (unsigned long long)n, 1);
+    } else if (n < 65536) {
+        r = put_be(b, 0xda, (unsigned long long)n, 2);
+    } else {
+        r = put_be(b, 0xdb, (unsigned long long)n, 4);
+    }
+    return r < 0 ? -1 : put(b, s, n);
+}
+
+static PyObject *take(Buf *b) {
+    PyObject *out = PyBytes_FromStringAndSize(b->p, b->n);
+    b->n = 0;
+    return out;
+}
+
+/* (row_id, r0, ts, uid, r2, r3, port, r4..r11, None, r12, x): the column order of
+ * storage/schema.py COLUMNS. Steals `x`. */
+static PyObject *row(long long row_id, PyObject *r, PyObject *ts, PyObject *uid, PyObject *port,
+                     PyObject *x) {
+    PyObject *t = PyTuple_New(18);
+    PyObject *id = PyLong_FromLongLong(row_id);
+    if (t == NULL || id == NULL) {
+        Py_XDECREF(t);
+        Py_XDECREF(id);
+        Py_DECREF(x);
+        return NULL;
+    }
+    PyObject *items[18] = {id, PyTuple_GET_ITEM(r, 0), ts, uid, PyTuple_GET_ITEM(r, 2),
+                           PyTuple_GET_ITEM(r, 3), port, PyTuple_GET_ITEM(r, 4),
+                           PyTuple_GET_ITEM(r, 5), PyTuple_GET_ITEM(r, 6), PyTuple_GET_ITEM(r, 7),
+                           PyTuple_GET_ITEM(r, 8), PyTuple_GET_ITEM(r, 9), PyTuple_GET_ITEM(r, 10),
+                           PyTuple_GET_ITEM(r, 11), Py_None, PyTuple_GET_ITEM(r, 12), x};
+    for (int i = 0; i < 18; i++) {
+        if (i != 0 && i != 17)
+            Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(t, i, items[i]);
+    }
+    return t;
+}
+
+static int valid_plan(PyObject *plan, PyObject *proto, PyObject *companion) {
+    return PyTuple_CheckExact(plan) && PyTuple_GET_SIZE(plan) == 6 &&
+           PyTuple_GET_ITEM(plan, 0) == proto && PyTuple_GET_ITEM(plan, 1) == companion;
+}
+
+static PyObject *rows(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *entries, *plans, *logical;
+    Py_ssize_t start;
+    long long row_id;
+    if (!PyArg_ParseTuple(args, "O!nO!LO!", &PyList_Type, &entries, &start, &PyDict_Type, &plans,
+                          &row_id, &PyList_Type, &logical))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Buf b = {NULL, 0, 0};
+    Py_ssize_t n = PyList_GET_SIZE(entries), i = start;
+    for (; i < n; i++) {
+        PyObject *e = PyList_GET_ITEM(entries, i);
+        if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 7)
+            break;
+        PyObject *proto = PyTuple_GET_ITEM(e, 0), *companion = PyTuple_GET_ITEM(e, 1);
+        PyObject *key = PyLong_FromVoidPtr(proto);
+        if (key == NULL)
+            goto fail;
+        PyObject *plan = PyDict_GetItemWithError(plans, key);
+        Py_DECREF(key);
+        if (plan == NULL && PyErr_Occurred())
+            goto fail;
+        if (plan == NULL || !valid_plan(plan, proto, companion) || PyTuple_GET_ITEM(plan, 2) == Py_None)
+            break; /* Python's turn: it makes the plan, or encodes this one itself */
+        PyObject *ts = PyTuple_GET_ITEM(e, 2), *uid = PyTuple_GET_ITEM(e, 3);
+        PyObject *port = PyTuple_GET_ITEM(e, 4), *dns_id = PyTuple_GET_ITEM(e, 5);
+        PyObject *lat = PyTuple_GET_ITEM(e, 6);
+        PyObject *r = PyTuple_GET_ITEM(plan, 2), *segs = PyTuple_GET_ITEM(plan, 3);
+        PyObject *xsegs = PyTuple_GET_ITEM(plan, 4), *comp = PyTuple_GET_ITEM(plan, 5);
+        /* Values msgpack would write otherwise than put_int/put_str (a bool, a subclass)
+         * are left to Python, which also raises on what the store cannot keep. */
+        if (!PyLong_CheckExact(ts) || !PyUnicode_CheckExact(uid) || !PyLong_CheckExact(port) ||
+            !PyLong_CheckExact(dns_id) || !PyLong_CheckExact(lat))
+            break;
+        Py_ssize_t mark = PyList_GET_SIZE(out);
+        PyObject *vals[5] = {ts, uid, port, dns_id, lat};
+        b.n = 0;
+        for (int k = 0; k < 5; k++) {
+            if (put_bytes(&b, PyTuple_GET_ITEM(segs, k)) < 0)
+                goto fail;
+            if ((k == 1 ? put_str(&b, vals[k]) : put_int(&b, vals[k])) < 0)
+                goto fail_value;
+        }
+        if (put_bytes(&b, PyTuple_GET_ITEM(segs, 5)) < 0)
+            goto fail;
+        PyObject *lg = take(&b);
+        if (lg == NULL)
+            goto fail;
+        if (put_bytes(&b, PyTuple_GET_ITEM(xsegs, 0)) < 0 || put_int(&b, dns_id) < 0 ||
+            put_bytes(&b, PyTuple_GET_ITEM(xsegs, 1)) < 0 || put_int(&b, lat) < 0 ||
+            put_bytes(&b, PyTuple_GET_ITEM(xsegs, 2)) < 0) {
+            Py_DECREF(lg);
+            goto fail;
+        }
+        PyObject *x = take(&b);
+        PyObject *t = x ? row(row_id, r, ts, uid, port, x) : NULL;
+        if (t == NULL || PyList_Append(out, t) < 0 || PyList_Append(logical, lg) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(lg);
+            goto fail;
+        }
+        Py_DECREF(t);
+        Py_DECREF(lg);
+        row_id++;
+        if (comp != Py_None) {
+            PyObject *cr = PyTuple_GET_ITEM(comp, 0), *cs = PyTuple_GET_ITEM(comp, 1);
+            PyObject *cx = PyTuple_GET_ITEM(comp, 2);
+            PyObject *cvals[3] = {ts, uid, port};
+            for (int k = 0; k < 3; k++) {
+                if (put_bytes(&b, PyTuple_GET_ITEM(cs, k)) < 0 ||
+                    (k == 1 ? put_str(&b, cvals[k]) : put_int(&b, cvals[k])) < 0)
+                    goto fail;
+            }
+            if (put_bytes(&b, PyTuple_GET_ITEM(cs, 3)) < 0)
+                goto fail;
+            PyObject *clg = take(&b);
+            if (clg == NULL)
+                goto fail;
+            Py_INCREF(cx);
+            PyObject *ct = row(row_id, cr, ts, uid, port, cx);
+            if (ct == NULL || PyList_Append(out, ct) < 0 || PyList_Append(logical, clg) < 0) {
+                Py_XDECREF(ct);
+                Py_DECREF(clg);
+                goto fail;
+            }
+            Py_DECREF(ct);
+            Py_DECREF(clg);
+            row_id++;
+        }
+        continue;
+    fail_value:
+        /* A value put_int cannot write (over 64 bits): Python's turn for this entry. */
+        PyErr_Clear();
+        if (PyList_SetSlice(out, mark, PyList_GET_SIZE(out), NULL) < 0)
+            goto fail;
+        break;
+    }
+    PyMem_Free(b.p);
+    return Py_BuildValue("(Nn)", out, i);
+fail:
+    PyMem_Free(b.p);
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"rows", rows, METH_VARARGS, "rows(entries, start, plans, row_id, logical) -> (rows, stop)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "storage._copies", "The rows of storage.schema.Copies, built in C.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__copies(void) { return PyModule_Create(&module); }
