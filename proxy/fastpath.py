@@ -18,9 +18,15 @@ mitmproxy costs ~3.5 ms of CPU per HTTP request; this path costs a small
 fraction of that, and mitmproxy is kept for what only it does well (TLS
 interception with generated certificates, HTTP/2).
 
+A new connection is driven by its protocol's callbacks (``_AcceptedSide``)
+through the commonest case, TLS passed through (a ``CONNECT`` or a redirected
+connection, the ClientHello, the decision, the connect, a short relay); any
+other turn continues in a task running the same code as before (``_serve``).
+
 Must not: decide (the Engine does), parse TLS (``proxy.tlshello``) or HTTP
 (``rules.wire``), or write SQL (records go to ``submit``). Errors: one
-``except`` per connection (``_serve``) turns anything unexpected into a closed
+``except`` per connection (``_serve`` for a task, ``_AcceptedSide._advance``
+and ``_connected`` for the callbacks) turns anything unexpected into a closed
 connection and a conn record with ``close_reason="error: ..."``; the listener
 keeps serving everyone else (STYLE.md 5).
 """
@@ -31,15 +37,16 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from proxy.http_records import ConnInfo, DnsNames, conn_record, new_uid, tls_record
 from proxy.original_dst import original_dst
 from proxy.relay import RelayMode, Side, splice, spliced
-from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, NeedMoreData, looks_like_tls, parse_client_hello
+from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, ClientHello, NeedMoreData, looks_like_tls, parse_client_hello
 from rules.errors import InputError
+from rules.wire import Head, Http1Stream
 from rules.verdict import ACTIONS, Verdict
 from storage.records import Record
 
@@ -51,6 +58,10 @@ TLS_ALERT_ACCESS_DENIED = bytes([21, 3, 3, 0, 2, 2, 49])
 """A fatal ``access_denied`` alert record (RFC 8446 6.2: "a valid certificate or
 PSK was received, but when access control was applied, the sender decided not
 to proceed"). Sent in the clear before any handshake: every client stops there."""
+
+SNI_MEMO_MAX = 4096
+"""Server names whose verdict a fast path remembers (cleared when full): a name's
+verdict is ~4 µs of Engine work, a lookup a tenth of that."""
 
 FIRST_BYTES_TIMEOUT = 30.0
 """Seconds a new connection may stay silent before it is closed (a client that
@@ -166,6 +177,13 @@ class FastPath:
         self.stats = Stats()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sni_memo: dict[str | None, Verdict] = {}
+        self._sni_engine: object | None = None
+        """The Engine whose verdicts ``_sni_memo`` holds."""
+        self._lean: set[_AcceptedSide] = set()
+        """Connections driven by callbacks (not yet, or never, handed to a task)."""
+        self._lean_gone: asyncio.Future[None] | None = None
+        """Set by ``stop`` while it waits for the callback-driven connections to end."""
         self.address: tuple[str, int] | None = None
 
     @property
@@ -190,10 +208,21 @@ class FastPath:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for c in list(self._lean):
+            c.shutdown()
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lean:
+            # Their sockets are closing: each records itself once both ends are closed.
+            self._lean_gone = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await self._lean_gone
+            except TimeoutError:
+                log.warning("%d connections did not close within %s s", len(self._lean), STOP_TIMEOUT)
+            self._lean_gone = None
         if self._server is not None:
             # Python 3.12's wait_closed also waits for accepted connections: closed above.
             await self._server.wait_closed()
@@ -202,10 +231,18 @@ class FastPath:
     def _accepted(self) -> Side:
         return _AcceptedSide(self)
 
+    def _lean_left(self, client: _AcceptedSide) -> None:
+        """``client`` is no longer driven by callbacks (ended, or handed to a task)."""
+        self._lean.discard(client)
+        gone = self._lean_gone
+        if gone is not None and not self._lean and not gone.done():
+            gone.set_result(None)
+
     # -- one connection ---------------------------------------------------------
 
-    def _spawn(self, client: Side) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(client))
+    def _continue(self, client: _AcceptedSide, state: ConnState, work: Coroutine[Any, Any, None]) -> None:
+        """Go on with a connection in a task (everything the callbacks do not carry)."""
+        task = asyncio.get_running_loop().create_task(self._serve(client, state, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -219,44 +256,32 @@ class FastPath:
             info.client_mac = self.identity.mac_for(ip)  # type: ignore[attr-defined]
         return info
 
-    async def _serve(self, client: Side) -> None:
-        from proxy.fastpath_http import HttpExchange
-
-        self.stats.connections += 1
-        self.stats.active += 1
-        conn = self._conn_info(client)
-        state = ConnState(conn)
+    async def _serve(self, client: Side, state: ConnState, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for the connection: the one ``except`` of the task path (STYLE.md 5)."""
         try:
-            dst: tuple[str, int] | None = None
-            if self.config.mode == "transparent":
-                dst = self._original_dst(client)
-                if dst is None:
-                    state.close_reason = "error: not a redirected connection"
-                    return
-                conn.server_ip, conn.server_port = dst
-            await client.wait_data(FIRST_BYTES_TIMEOUT)  # no timer when they came with the accept
-            if not client.buf:
-                state.close_reason = "fin"
-                return
-            if looks_like_tls(bytes(client.buf[:3])) and dst is not None:
-                await self.tls(state, client, dst[0], dst[1])
-            else:
-                await HttpExchange(self, state, client, dst).run()
+            await work
         except TimeoutError:
             state.close_reason = state.close_reason or "timeout"
         except asyncio.CancelledError:
             state.close_reason = state.close_reason or "shutdown"
             raise
         except Exception as exc:  # the one edge: anything unexpected ends this connection only
-            self.stats.errors += 1
-            log.exception("connection %s failed", conn.uid)
-            state.close_reason = f"error: {type(exc).__name__}: {exc}"[:200]
+            self._failed(state, exc)
         finally:
-            self.stats.active -= 1
-            client.close()
-            if state.upstream is not None:
-                state.upstream.close()
-            self._finish(state, client)
+            self._closed(state, client)
+
+    def _failed(self, state: ConnState, exc: Exception) -> None:
+        self.stats.errors += 1
+        log.error("connection %s failed", state.conn.uid, exc_info=exc)
+        state.close_reason = f"error: {type(exc).__name__}: {exc}"[:200]
+
+    def _closed(self, state: ConnState, client: Side) -> None:
+        """The connection is over: close both sockets, write its conn record."""
+        self.stats.active -= 1
+        client.close()
+        if state.upstream is not None:
+            state.upstream.close()
+        self._finish(state, client)
 
     def _original_dst(self, client: Side) -> tuple[str, int] | None:
         assert client.transport is not None
@@ -296,76 +321,102 @@ class FastPath:
     # -- TLS ----------------------------------------------------------------------
 
     async def tls(self, state: ConnState, client: Side, host: str, port: int) -> None:
-        """Decide on the ClientHello, then block, intercept or splice."""
+        """Decide on the ClientHello, then block, intercept or splice (the task path; a
+        new connection's TLS goes through ``_AcceptedSide``'s callbacks instead)."""
         state.service = "tls"
-        hello = await _read_hello(client)
-        engine = self.engine
-        if hello is None:
-            # Not TLS after all (or a broken hello): nothing to decide on by name.
-            verdict = Verdict("block" if self.config.fail == "closed" else "allow",
-                              ruleset_version=engine.version, errors=("tls: unparsable ClientHello",))  # type: ignore[attr-defined]
-            sni, alpn, versions = None, [], []
-        else:
-            verdict = engine.tls(hello.sni)  # type: ignore[attr-defined]
-            sni, alpn, versions = hello.sni, hello.alpn, hello.versions
-        state.note(verdict)
-        conn = state.conn
-        if self.dns_names and conn.server_ip:
-            conn.dns_name = self.dns_names(conn.client_ip, conn.server_ip)
-        intercept = (
-            verdict.action != "block"
-            and self.mitm_address is not None
-            and domain_in(sni, self.config.intercept)
-            and not domain_in(sni, self.config.passthrough)
-        )
-        ts = now_us()
-
-        def record() -> None:
-            self.submit(tls_record(conn, ts, sni=sni, alpn=alpn, versions=versions,
-                                   verdict=verdict, intercepted=intercept))
-
-        if verdict.action == "block":
-            self.stats.tls_blocked += 1
-            record()
-            client.write(TLS_ALERT_ACCESS_DENIED)
-            state.close_reason = "blocked"
+        decision = self.tls_decision(state, await _read_hello(client))
+        if decision.verdict.action == "block":
+            self.tls_block(state, client, decision)
             return
-        if intercept:
-            self.stats.tls_intercepted += 1
-            state.intercepted = True
-            upstream = await self._mitm_tunnel(state, host, port)
-            if upstream is None:
-                record()
-                return
-            splice(client, upstream, self.config.relay)
-            try:
-                await spliced(client, upstream)
-            finally:
-                # mitmproxy's upstream socket (reported by the addon) is the NAT
-                # address; it may reconnect during the handshake, so take the last.
-                if conn.uid in self.nat_table:
-                    conn.nat_ip, conn.nat_port = self.nat_table[conn.uid]
-                record()
-            state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
+        if decision.intercept:
+            await self.tls_intercept(state, client, host, port, decision)
             return
         self.stats.tls_passthrough += 1
         upstream = await self.connect(state, host, port)
-        record()  # after connecting: the record carries the server and NAT addresses
+        self.tls_record(state, decision)  # after connecting: the record carries the server and NAT addresses
         if upstream is None:
             return
         splice(client, upstream, self.config.relay)
         await spliced(client, upstream)
         state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
 
-    async def connect(self, state: ConnState, host: str, port: int) -> Side | None:
-        """Open the upstream socket; fills server and NAT addresses. None on failure."""
-        loop = asyncio.get_running_loop()
+    def tls_decision(self, state: ConnState, hello: ClientHello | None) -> TlsDecision:
+        """Ask the Engine about the SNI (``hello`` None: not a parsable ClientHello)."""
+        engine = self.engine
+        if hello is None:
+            # Not TLS after all (or a broken hello): nothing to decide on by name.
+            verdict = Verdict("block" if self.config.fail == "closed" else "allow",
+                              ruleset_version=engine.version, errors=("tls: unparsable ClientHello",))  # type: ignore[attr-defined]
+            decision = TlsDecision(verdict, None, [], [])
+        else:
+            verdict = self._sni_verdict(engine, hello.sni)
+            decision = TlsDecision(verdict, hello.sni, hello.alpn, hello.versions)
+        state.note(verdict)
+        conn = state.conn
+        if self.dns_names and conn.server_ip:
+            conn.dns_name = self.dns_names(conn.client_ip, conn.server_ip)
+        decision.intercept = (
+            verdict.action != "block"
+            and self.mitm_address is not None
+            and domain_in(decision.sni, self.config.intercept)
+            and not domain_in(decision.sni, self.config.passthrough)
+        )
+        decision.ts = now_us()
+        return decision
+
+    def _sni_verdict(self, engine: object, sni: str | None) -> Verdict:
+        """``engine.tls(sni)``, remembered per Engine (a reload brings a new one): the
+        Engine is a pure function of the name, and a gateway's clients ask for the
+        same few thousand names again and again (``SNI_MEMO_MAX``)."""
+        memo = self._sni_memo
+        if engine is not self._sni_engine:
+            memo.clear()
+            self._sni_engine = engine
+        verdict = memo.get(sni)
+        if verdict is None:
+            verdict = engine.tls(sni)  # type: ignore[attr-defined]
+            if len(memo) >= SNI_MEMO_MAX:
+                memo.clear()
+            memo[sni] = verdict
+        return verdict
+
+    def tls_record(self, state: ConnState, d: TlsDecision) -> None:
+        self.submit(tls_record(state.conn, d.ts, sni=d.sni, alpn=d.alpn, versions=d.versions,
+                               verdict=d.verdict, intercepted=d.intercept))
+
+    def tls_block(self, state: ConnState, client: Side, decision: TlsDecision) -> None:
+        """A blocked name: the fatal alert, and the connection ends."""
+        self.stats.tls_blocked += 1
+        self.tls_record(state, decision)
+        client.write(TLS_ALERT_ACCESS_DENIED)
+        state.close_reason = "blocked"
+
+    async def tls_intercept(self, state: ConnState, client: Side, host: str, port: int,
+                            decision: TlsDecision) -> None:
+        """Hand the connection to the embedded mitmproxy."""
+        conn = state.conn
+        self.stats.tls_intercepted += 1
+        state.intercepted = True
+        upstream = await self._mitm_tunnel(state, host, port)
+        if upstream is None:
+            self.tls_record(state, decision)
+            return
+        splice(client, upstream, self.config.relay)
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                transport, side = await loop.create_connection(Side, host, port)
-        except (OSError, TimeoutError) as exc:
-            state.close_reason = f"error: connect {host}:{port}: {exc}"[:200]
-            return None
+            await spliced(client, upstream)
+        finally:
+            # mitmproxy's upstream socket (reported by the addon) is the NAT
+            # address; it may reconnect during the handshake, so take the last.
+            if conn.uid in self.nat_table:
+                conn.nat_ip, conn.nat_port = self.nat_table[conn.uid]
+            self.tls_record(state, decision)
+        state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
+
+    def connect_failed(self, state: ConnState, host: str, port: int, exc: BaseException) -> None:
+        state.close_reason = f"error: connect {host}:{port}: {exc}"[:200]
+
+    def connected(self, state: ConnState, transport: asyncio.BaseTransport, side: Side) -> None:
+        """Note the upstream socket's addresses: the server's, and the NAT (egress) address."""
         conn = state.conn
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
@@ -374,6 +425,17 @@ class FastPath:
         if local:
             conn.nat_ip, conn.nat_port = _plain_ip(local[0]), local[1]
         state.upstream = side
+
+    async def connect(self, state: ConnState, host: str, port: int) -> Side | None:
+        """Open the upstream socket; fills server and NAT addresses. None on failure."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                transport, side = await loop.create_connection(Side, host, port)
+        except (OSError, TimeoutError) as exc:
+            self.connect_failed(state, host, port, exc)
+            return None
+        self.connected(state, transport, side)
         return side
 
     async def _mitm_tunnel(self, state: ConnState, host: str, port: int) -> Side | None:
@@ -449,18 +511,403 @@ class ConnState:
         self.ruleset_version = verdict.ruleset_version or self.ruleset_version
 
 
+class TlsDecision:
+    """What was decided on one ClientHello; its tls record is written from this."""
+
+    __slots__ = ("verdict", "sni", "alpn", "versions", "intercept", "ts")
+
+    def __init__(self, verdict: Verdict, sni: str | None, alpn: list[str], versions: list[str]) -> None:
+        self.verdict = verdict
+        self.sni = sni
+        self.alpn = alpn
+        self.versions = versions
+        self.intercept = False
+        self.ts = 0
+        """When it was decided (µs UTC): the tls record's ``ts``."""
+
+
+# Stages of a connection that ``_AcceptedSide`` drives, in order.
+_FIRST, _TUNNEL, _HELLO, _CONNECTING, _RELAY, _TASK, _DONE = range(7)
+
+STOP_TIMEOUT = 5.0
+"""Seconds ``stop`` waits for closed connections to report their last bytes (their
+``connection_lost``) so that their conn records are written before the store closes."""
+
+
 class _AcceptedSide(Side):
-    """The client side of a new connection: starts the connection's task."""
+    """The client side of a new connection, driven by its own callbacks as far as they go.
+
+    Why callbacks: a TLS passthrough connection (a ``CONNECT`` or a redirected
+    443, a ClientHello, the SNI decision, a connect, a short relay) is the proxy's
+    commonest job and its shortest, and as a task it paid a dozen coroutine steps,
+    futures and timers on top of its reads and writes. The stages: the first bytes
+    (``_FIRST``); after a ``CONNECT``, the tunnel's first bytes (``_TUNNEL``); the
+    ClientHello (``_HELLO``); the upstream connect (``_CONNECTING``, the one task:
+    ``create_connection`` is a coroutine); the transports' relay (``_RELAY``).
+    Everything else goes on in a task from where the callbacks stopped (``_TASK``,
+    the code of the task path, so the same bytes get the same answers and records):
+    plain HTTP, HTTP or other bytes inside a tunnel, a ``CONNECT`` head not whole
+    in the first read or one the HTTP path refuses, interception, and a transfer
+    the socket relay takes over.
+    """
 
     def __init__(self, fastpath: FastPath) -> None:
         super().__init__()
-        self._fastpath = fastpath
+        self._fp = fastpath
+        self._stage = _FIRST
+        self._state: ConnState | None = None
+        self._dst: tuple[str, int] | None = None
+        """Where the tunnel goes: the ``CONNECT`` target, or the redirected destination."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Task[Any] | None = None
+        self._decision: TlsDecision | None = None
+        self._open_ends = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # No TCP_NODELAY call here or on upstream sockets: asyncio and uvloop set it
         # on every TCP transport they create.
         super().connection_made(transport)
-        self._fastpath._spawn(self)
+        fp = self._fp
+        fp.stats.connections += 1
+        fp.stats.active += 1
+        fp._lean.add(self)
+        self._state = state = ConnState(fp._conn_info(self))
+        if fp.config.mode == "transparent":
+            dst = fp._original_dst(self)
+            if dst is None:
+                state.close_reason = "error: not a redirected connection"
+                self._end()
+                return
+            state.conn.server_ip, state.conn.server_port = self._dst = dst
+        self._timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, self._silent)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._stage < _CONNECTING:
+            self._advance()
+
+    def eof_received(self) -> bool:
+        keep_open = super().eof_received()
+        if self._stage < _CONNECTING:
+            self._advance()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._stage < _CONNECTING:
+            self._advance()
+
+    # -- the stages -----------------------------------------------------------
+
+    def _advance(self) -> None:
+        """New bytes or an EOF before the connect: the one ``except`` of the callbacks."""
+        try:
+            if self._stage == _FIRST:
+                self._first()
+            elif self._stage == _TUNNEL:
+                self._tunnel()
+            else:
+                self._hello()
+        except Exception as exc:  # anything unexpected ends this connection only
+            self._fp._failed(self._state, exc)  # type: ignore[arg-type]
+            self._end()
+
+    def _silent(self) -> None:
+        """No byte within ``FIRST_BYTES_TIMEOUT`` of the accept."""
+        self._timer = None
+        if self._stage == _FIRST:
+            self._state.close_reason = self._state.close_reason or "timeout"  # type: ignore[union-attr]
+            self._end()
+
+    def _first(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        state = self._state
+        assert state is not None
+        if not self.buf:
+            state.close_reason = "fin"  # closed before sending anything
+            self._end()
+            return
+        if self._dst is not None:  # transparent mode
+            if looks_like_tls(self.buf):
+                self._begin_hello()
+            else:
+                self._to_task(_http().HttpExchange(self._fp, state, self, self._dst).run())
+            return
+        if not self._connect_head():
+            self._to_task(_http().HttpExchange(self._fp, state, self, None).run())
+
+    def _connect_head(self) -> bool:
+        """Answer a whole ``CONNECT`` head that came in the first read, as the HTTP path
+        would (``HttpExchange._connect``); False leaves the connection to that path
+        (any other request, a head still incomplete, or one it must refuse)."""
+        buf = self.buf
+        if not buf.startswith(b"CONNECT "):
+            return False
+        end = buf.find(b"\r\n\r\n") + 4
+        if end < 4:
+            return False
+        target = _connect_target(bytes(buf[:end]))
+        if target is None:
+            return False
+        host, port, is_ip = target
+        state = self._state
+        assert state is not None
+        state.service = "http"
+        self.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if is_ip:
+            state.conn.server_ip = host
+        state.conn.server_port = port
+        del buf[:end]  # what follows the head is the tunnel's
+        self._dst = (host, port)
+        self._stage = _TUNNEL
+        if buf or self.eof:
+            self._tunnel()
+        return True
+
+    def _tunnel(self) -> None:
+        """The tunnel's first bytes say what it carries: TLS, HTTP or anything else."""
+        state = self._state
+        assert state is not None and self._dst is not None
+        if not self.buf:
+            if self.eof:
+                state.close_reason = "fin"
+                self._end()
+            return
+        host, port = self._dst
+        if looks_like_tls(self.buf):
+            self._begin_hello()
+        elif _http()._looks_like_http(bytes(self.buf[:8])):
+            self._to_task(_http().HttpExchange(self._fp, state, self, self._dst).run())
+        else:
+            state.service = None
+            self._to_task(self._fp.splice_raw(state, self, host, port))
+
+    def _begin_hello(self) -> None:
+        self._state.service = "tls"  # type: ignore[union-attr]
+        self._stage = _HELLO
+        self._hello()
+
+    def _hello(self) -> None:
+        """Parse the ClientHello once it is whole (``_read_hello``, by callbacks)."""
+        try:
+            hello: ClientHello | None = parse_client_hello(bytes(self.buf))
+        except NeedMoreData:
+            if len(self.buf) > MAX_CLIENT_HELLO_BYTES + 1024:
+                hello = None
+            elif not self.eof:
+                return  # the rest is on its way
+            else:
+                try:
+                    hello = parse_client_hello(bytes(self.buf), partial=True)
+                except (InputError, NeedMoreData):
+                    hello = None
+        except InputError:
+            hello = None
+        self._decide(hello)
+
+    def _decide(self, hello: ClientHello | None) -> None:
+        fp, state, dst = self._fp, self._state, self._dst
+        assert state is not None and dst is not None
+        decision = fp.tls_decision(state, hello)
+        if decision.verdict.action == "block":
+            fp.tls_block(state, self, decision)
+            self._end()
+            return
+        if decision.intercept:
+            self._to_task(fp.tls_intercept(state, self, dst[0], dst[1], decision))
+            return
+        fp.stats.tls_passthrough += 1
+        self._decision = decision
+        self._stage = _CONNECTING
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.create_connection(Side, dst[0], dst[1]))
+        self._connecting = task
+        self._timer = loop.call_later(fp.config.connect_timeout, task.cancel)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        """The connect is over: record the decision, then relay (or end)."""
+        fp, state, dst = self._fp, self._state, self._dst
+        assert state is not None and dst is not None and self._decision is not None
+        self._connecting = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            upstream: Side | None = None
+            if task.cancelled():
+                if state.close_reason is not None:
+                    self._end()  # the proxy is stopping (``shutdown``)
+                    return
+                fp.connect_failed(state, dst[0], dst[1], TimeoutError())  # the connect timer
+            elif (exc := task.exception()) is None:
+                transport, upstream = task.result()
+                fp.connected(state, transport, upstream)  # type: ignore[arg-type]
+            elif isinstance(exc, (OSError, TimeoutError)):
+                fp.connect_failed(state, dst[0], dst[1], exc)
+            else:
+                raise exc
+            fp.tls_record(state, self._decision)  # after connecting: it carries the server and NAT addresses
+            if upstream is None or state.close_reason is not None:
+                self._end()
+                return
+            self._relay(upstream)
+        except Exception as exc:  # anything unexpected ends this connection only
+            fp._failed(state, exc)
+            self._end()
+
+    def _relay(self, upstream: Side) -> None:
+        """The transports relay; the record is written once both ends are closed."""
+        self._stage = _RELAY
+        splice(self, upstream, self._fp.config.relay)
+        joined = self.joined
+        if joined is None or joined.over.done():
+            self._to_task(self._relayed(upstream))
+        else:
+            joined.over.add_done_callback(self._relay_over)
+
+    async def _relayed(self, upstream: Side) -> None:
+        """The rest of the relay in a task (the socket relay took over, or the relay
+        ended before it started)."""
+        await spliced(self, upstream)
+        state = self._state
+        assert state is not None
+        state.close_reason = state.close_reason or ("rst" if self.reset or upstream.reset else "fin")
+
+    def _relay_over(self, _: object) -> None:
+        """A side closed (``_transports_closed``), or one received ``RELAY_AFTER`` bytes:
+        the socket relay takes over in a task."""
+        try:
+            self._relay_ended()
+        except Exception as exc:  # anything unexpected ends this connection only
+            self._fp._failed(self._state, exc)  # type: ignore[arg-type]
+            self._end()
+
+    def _relay_ended(self) -> None:
+        upstream = self._state.upstream  # type: ignore[union-attr]
+        assert upstream is not None
+        if self.joined is not None and self.joined.hand_over:
+            self._to_task(self._relayed(upstream))
+            return
+        self.joined = upstream.joined = None
+        self.close()
+        upstream.close()
+        for side in (self, upstream):
+            if not side.closed.done():
+                self._open_ends += 1
+                side.closed.add_done_callback(self._end_closed)
+        if not self._open_ends:
+            self._relay_done()
+
+    def _end_closed(self, _: object) -> None:
+        self._open_ends -= 1
+        if not self._open_ends:
+            self._relay_done()
+
+    def _relay_done(self) -> None:
+        state = self._state
+        assert state is not None and state.upstream is not None
+        state.close_reason = state.close_reason or ("rst" if self.reset or state.upstream.reset else "fin")
+        self._end()
+
+    # -- leaving the callbacks ----------------------------------------------------
+
+    def _to_task(self, work: Coroutine[Any, Any, None]) -> None:
+        """Go on in a task, which closes the connection and records it at its end."""
+        self._stage = _TASK
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._fp._lean_left(self)
+        self._fp._continue(self, self._state, work)  # type: ignore[arg-type]
+
+    def _end(self) -> None:
+        """Close both ends and write the conn record (once)."""
+        if self._stage >= _TASK:
+            return
+        self._stage = _DONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._fp._lean_left(self)
+        self._fp._closed(self._state, self)  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        """The proxy is stopping: end this connection; its record says ``shutdown``."""
+        state = self._state
+        if state is None or self._stage >= _TASK:
+            return
+        state.close_reason = state.close_reason or "shutdown"
+        if self._stage == _CONNECTING:
+            assert self._connecting is not None
+            self._connecting.cancel()  # ``_connected`` ends it
+        elif self._stage == _RELAY:
+            self.close()  # the relay ends; ``_relay_over`` records it once both ends are closed
+            if state.upstream is not None:
+                state.upstream.close()
+        else:
+            self._end()
+
+
+CONNECT_MEMO_MAX = 4096
+"""CONNECT heads whose parse is remembered (``_connect_target``); the memo is
+cleared when full. A client sends the same head for every connection to a host
+(curl's and browsers' carry only the target, Host, User-Agent and
+Proxy-Connection), and a gateway sees the same few thousand hosts again and again."""
+
+CONNECT_MEMO_HEAD_BYTES = 1024
+"""Longest head kept in the memo (a browser's CONNECT is 100-250 bytes): bounds
+its memory to ``CONNECT_MEMO_MAX`` KiB."""
+
+_connect_memo: dict[bytes, tuple[str, int, bool]] = {}
+
+
+def _connect_target(head: bytes) -> tuple[str, int, bool] | None:
+    """(host, port, host is an address literal) of a ``CONNECT`` head that ends with
+    ``head``'s last byte, as the HTTP path reads it (``rules.wire``, then
+    ``_split_authority``); None when that path must answer it (not a CONNECT, a
+    malformed head or target).
+
+    The result depends on the bytes alone (``Http1Stream`` is sans-IO, and the
+    tunnel's bytes after the head are never parsed), so it is remembered: parsing
+    the head (llhttp, the framing checks) was about a tenth of the CPU of a TLS
+    passthrough connection."""
+    hit = _connect_memo.get(head)
+    if hit is not None:
+        return hit
+    stream = Http1Stream(is_request=True)
+    events = stream.feed(head)
+    first = events[0] if events else None
+    if not isinstance(first, Head) or first.method != "CONNECT" or stream.offset != len(head):
+        return None
+    http = _http()
+    try:
+        host, port = http._split_authority((first.target or b"").decode("latin-1"), 443)
+    except http._Refused:
+        return None
+    target = (host, port, http._is_ip(host))
+    if len(head) <= CONNECT_MEMO_HEAD_BYTES:
+        if len(_connect_memo) >= CONNECT_MEMO_MAX:
+            _connect_memo.clear()
+        _connect_memo[head] = target
+    return target
+
+
+_http_module = None
+
+
+def _http():  # type: ignore[no-untyped-def]
+    """``proxy.fastpath_http``, imported on first use (it imports this module)."""
+    global _http_module
+    if _http_module is None:
+        import proxy.fastpath_http as module
+
+        _http_module = module
+    return _http_module
 
 
 async def _read_hello(client: Side):  # type: ignore[no-untyped-def]

@@ -40,14 +40,37 @@ _UID_PAIRS = [lo + hi for hi in _UID_ALPHABET for lo in _UID_ALPHABET]
 """Two base62 digits at once, least significant first: ``_UID_PAIRS[hi * 62 + lo]``."""
 
 
+UID_POOL_BYTES = 13 * 256
+"""``os.urandom`` bytes drawn at once for connection ids: one ``getrandom`` call per
+256 connections instead of one each."""
+
+_uid_pool = memoryview(b"")
+_uid_at = 0
+
+
+def _reset_uid_pool() -> None:
+    """A forked child must not hand out its parent's ids."""
+    global _uid_pool, _uid_at
+    _uid_pool, _uid_at = memoryview(b""), 0
+
+
+os.register_at_fork(after_in_child=_reset_uid_pool)
+
+
 def new_uid() -> str:
     """A connection id in Zeek's style: ``C`` + 17 base62 characters (~101 bits),
     least significant digit first.
 
     Runs once per connection: the bits are ``secrets.randbits(101)``'s (13 bytes
-    of ``os.urandom``, shifted) without its Python-level call, and the digits go
-    two at a time (8 pairs, then the top digit: 101 bits < 62**17)."""
-    n = int.from_bytes(os.urandom(13)) >> 3
+    of ``os.urandom``, shifted, taken from a pool: ``UID_POOL_BYTES``) without its
+    Python-level call, and the digits go two at a time (8 pairs, then the top
+    digit: 101 bits < 62**17)."""
+    global _uid_pool, _uid_at
+    at = _uid_at
+    if at + 13 > len(_uid_pool):
+        _uid_pool, at = memoryview(os.urandom(UID_POOL_BYTES)), 0
+    _uid_at = at + 13
+    n = int.from_bytes(_uid_pool[at : at + 13]) >> 3
     out = []
     for _ in range(8):
         n, r = divmod(n, 3844)
@@ -198,7 +221,7 @@ def tls_record(
         ts=ts,
         **conn.common(),  # type: ignore[arg-type]
         action=verdict.action,
-        rule_ids=list(verdict.rule_ids),
+        rule_ids=[m.rule_id for m in verdict.matches],
         ruleset_version=verdict.ruleset_version or None,
         sni=sni,
         alpn=list(alpn),
@@ -212,6 +235,8 @@ _VERSION_RANK = {v: i for i, v in enumerate(_VERSION_ORDER)}
 
 
 def highest_version(versions: Sequence[str]) -> str | None:
+    if "TLSv1.3" in versions:
+        return "TLSv1.3"  # the top rank, and what nearly every client offers now
     known = [v for v in versions if v in _VERSION_RANK]
     if known:
         return max(known, key=_VERSION_RANK.__getitem__)

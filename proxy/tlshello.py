@@ -12,6 +12,7 @@ calls: the caller passes all bytes seen so far and calls again when more arrive.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from rules.errors import InputError, LinewardenError
@@ -84,6 +85,13 @@ def parse_client_hello(data: bytes, *, partial: bool = False) -> ClientHello:
 
 def _handshake_body(data: bytes) -> bytes:
     """Concatenate handshake record payloads until the first message is whole."""
+    if len(data) >= 9 and data[0] == HANDSHAKE and data[1] == 3 and data[5] == CLIENT_HELLO:
+        # The common case, taken in one slice: the whole ClientHello in the first
+        # record (every browser, curl, OpenSSL), within the limits checked below.
+        rlen = (data[3] << 8) | data[4]
+        mlen = (data[6] << 16) | (data[7] << 8) | data[8]
+        if 4 + mlen <= rlen <= _MAX_RECORD and mlen <= MAX_CLIENT_HELLO_BYTES and len(data) >= 5 + rlen:
+            return bytes(data[9 : 9 + mlen])
     msg = bytearray()
     pos = 0
     while True:
@@ -93,7 +101,7 @@ def _handshake_body(data: bytes) -> bytes:
         rlen = int.from_bytes(data[pos + 3 : pos + 5], "big")
         if ctype != HANDSHAKE or major != 3:
             raise InputError("tls", f"not a TLS handshake record (type {ctype}, version {major}.{data[pos + 2]})", pos)
-        if rlen == 0 or rlen > 16384 + 2048:
+        if rlen == 0 or rlen > _MAX_RECORD:
             # RFC 8446 §5.1: plaintext records are at most 2^14 bytes; zero-length
             # handshake fragments are forbidden.
             raise InputError("tls", f"bad TLS record length {rlen}", pos + 3)
@@ -111,6 +119,11 @@ def _handshake_body(data: bytes) -> bytes:
                 return bytes(msg[4 : 4 + mlen])
 
 
+_MAX_RECORD = 16384 + 2048
+"""Longest record payload accepted: 2^14 plaintext bytes (RFC 8446 5.1) plus the
+expansion a TLS 1.2 ciphertext may have."""
+
+
 def _handshake_prefix(data: bytes) -> bytes:
     """Whatever handshake bytes the records so far hold (for ``partial``)."""
     msg = bytearray()
@@ -122,6 +135,12 @@ def _handshake_prefix(data: bytes) -> bytes:
     if len(msg) < 4:
         raise InputError("tls", "stream ended before the ClientHello header", len(data))
     return bytes(msg[4:])
+
+
+_EXT_HEAD = struct.Struct(">HH").unpack_from
+"""An extension's type and length: one call instead of four byte reads."""
+
+_WANTED = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS})
 
 
 class _Short(Exception):
@@ -181,17 +200,17 @@ def _parse_body(body: bytes, *, complete: bool) -> ClientHello:
             while i < end:
                 if i + 4 > end:
                     raise _Short(i)
-                etype = (body[i] << 8) | body[i + 1]
-                size = (body[i + 2] << 8) | body[i + 3]
+                etype, size = _EXT_HEAD(body, i)
                 i += 4
                 if i + size > end:
                     raise _Short(i)
-                if etype == EXT_SERVER_NAME:
-                    sni = _server_name(body[i : i + size])
-                elif etype == EXT_ALPN:
-                    alpn = _alpn(body[i : i + size])
-                elif etype == EXT_SUPPORTED_VERSIONS:
-                    versions = _versions(body[i : i + size])
+                if etype in _WANTED:  # a hello has ~15-20 extensions; three matter here
+                    if etype == EXT_SERVER_NAME:
+                        sni = _server_name(body[i : i + size])
+                    elif etype == EXT_ALPN:
+                        alpn = _alpn(body[i : i + size])
+                    else:
+                        versions = _versions(body[i : i + size])
                 i += size
     except _Short as e:
         if complete:
@@ -250,5 +269,5 @@ def _versions(ext: bytes) -> list[str]:
         code = (raw[i] << 8) | raw[i + 1]
         if code & 0x0F0F == 0x0A0A and code >> 8 == code & 0xFF:
             continue  # GREASE (RFC 8701)
-        out.append(version_name(code))
+        out.append(VERSION_NAMES.get(code) or version_name(code))
     return out

@@ -376,6 +376,75 @@ async def test_sni_block_ends_the_handshake(lab: Lab) -> None:
     assert lab.origin.log == []
 
 
+def _client_hello(sni: str) -> bytes:
+    """A real ClientHello (the ``ssl`` module's), as a client's first bytes in a tunnel."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def _tunnel(lab: Lab, port: int, pieces: list[bytes]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A CONNECT to ``port`` whose head is sent in ``pieces`` (joined: the whole head)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    for piece in pieces:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def test_connect_head_and_hello_in_pieces_are_passed_through(lab: Lab) -> None:
+    # The head split over two reads goes the HTTP path's way, the hello over two
+    # segments is reassembled: the same decision and records either way.
+    head = f"CONNECT 127.0.0.1:{lab.origin.tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    for pieces in ([head], [head[:10], head[10:]]):
+        reader, writer = await _tunnel(lab, lab.origin.tls_port, pieces)
+        hello = _client_hello("www.allowed.example")
+        writer.write(hello[:40])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(hello[40:])
+        async with asyncio.timeout(10):
+            server_hello = await reader.read(5)
+        assert server_hello[:2] == b"\x16\x03"  # the origin's ServerHello came back through
+        writer.close()
+    tls = await lab.records("tls")
+    assert [(t.sni, t.action, t.tls_version) for t in tls] == [("www.allowed.example", "allow", "TLSv1.3")] * 2
+    conns = await lab.records("conn")
+    assert sorted(c.uid for c in conns) == sorted(t.uid for t in tls)
+    assert all(c.service == "tls" and c.bytes_up == len(head) + len(hello) and c.nat_port for c in conns)
+
+
+async def test_unreachable_tls_server_is_recorded_with_the_connect_error(lab: Lab) -> None:
+    reader, writer = await _tunnel(lab, 1, [b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n"])
+    writer.write(_client_hello("www.allowed.example"))
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    writer.close()
+    [t] = await lab.records("tls")
+    [c] = await lab.records("conn")
+    assert t.uid == c.uid and t.sni == "www.allowed.example" and t.server_port == 1 and t.nat_port is None
+    assert c.service == "tls" and c.close_reason.startswith("error: connect 127.0.0.1:1:")
+
+
+async def test_stopping_the_proxy_ends_tls_tunnels_and_records_them(lab: Lab) -> None:
+    reader, writer = await _tunnel(lab, lab.origin.tls_port,
+                                   [f"CONNECT 127.0.0.1:{lab.origin.tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()])
+    writer.write(_client_hello("www.allowed.example"))
+    async with asyncio.timeout(10):
+        assert (await reader.read(5))[:2] == b"\x16\x03"
+        await lab.proxy.stop()
+        await reader.read()  # to EOF: the proxy closed its side
+    writer.close()
+    [t] = await lab.records("tls")
+    [c] = await lab.records("conn")
+    assert t.uid == c.uid and c.close_reason == "shutdown" and c.bytes_down > 0 and lab.proxy.stats.active == 0
+
+
 async def test_records_join_on_uid_and_carry_nat(lab: Lab) -> None:
     await exchange(lab, get(lab, "/plain"))
     [h] = await lab.records("http")
@@ -535,3 +604,54 @@ async def test_stopping_the_proxy_ends_open_tunnels_and_frees_their_descriptors(
         srv.close()
     [c] = await lab.records("conn")
     assert c.close_reason == "shutdown" and c.bytes_up > 5
+
+
+@pytest.mark.parametrize(("head", "target"), [
+    (b"CONNECT www.example.org:443 HTTP/1.1\r\nHost: www.example.org:443\r\n\r\n", ("www.example.org", 443, False)),
+    (b"CONNECT 10.0.0.1:8443 HTTP/1.1\r\nHost: x\r\nProxy-Connection: Keep-Alive\r\n\r\n", ("10.0.0.1", 8443, True)),
+    (b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\nHost: x\r\n\r\n", ("2001:db8::1", 443, True)),
+    (b"CONNECT www.example.org HTTP/1.1\r\nHost: x\r\n\r\n", ("www.example.org", 443, False)),
+    (b"CONNECT bad host:443 HTTP/1.1\r\nHost: x\r\n\r\n", None),  # llhttp refuses: the HTTP path answers 400
+    (b"CONNECT www.example.org:99999 HTTP/1.1\r\nHost: x\r\n\r\n", None),  # _split_authority refuses
+    (b"CONNECT a:443 HTTP/1.1\r\nHost: x\r\n\nX: y\r\n\r\n", None),  # the head ends earlier (bare LF)
+    (b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", None),
+])
+def test_connect_target_is_what_the_http_path_reads_and_is_remembered(
+        head: bytes, target: tuple[str, int, bool] | None) -> None:
+    from proxy import fastpath
+
+    fastpath._connect_memo.clear()
+    assert fastpath._connect_target(head) == target
+    assert fastpath._connect_target(head) == target  # from the memo when it was one
+    assert (head in fastpath._connect_memo) == (target is not None)
+    fastpath._connect_memo.clear()
+
+
+def test_sni_verdicts_are_remembered_per_engine() -> None:
+    from proxy.fastpath import SNI_MEMO_MAX
+    from rules.verdict import Verdict
+
+    class CountingEngine:
+        version = 1
+
+        def __init__(self, action: str) -> None:
+            self.action, self.calls = action, 0
+
+        def tls(self, sni: str | None) -> Verdict:
+            self.calls += 1
+            return Verdict(self.action, ruleset_version=self.version)  # type: ignore[arg-type]
+
+    class Ref:
+        engine: object = None
+
+    ref = Ref()
+    ref.engine = old = CountingEngine("allow")
+    proxy = FastPath(ref, lambda r: True)
+    assert [proxy._sni_verdict(ref.engine, "a.example").action for _ in range(3)] == ["allow"] * 3
+    assert old.calls == 1
+    ref.engine = new = CountingEngine("block")  # a reload: the new Engine decides, once
+    assert [proxy._sni_verdict(ref.engine, "a.example").action for _ in range(2)] == ["block"] * 2
+    assert new.calls == 1
+    for i in range(SNI_MEMO_MAX + 1):
+        proxy._sni_verdict(new, f"{i}.example")
+    assert len(proxy._sni_memo) <= SNI_MEMO_MAX

@@ -21,8 +21,32 @@ def _uid_of(bits: int) -> str:
 
 @pytest.mark.parametrize("raw", [bytes(13), b"\xff" * 13, bytes(range(13)), os.urandom(13), os.urandom(13)])
 def test_uid_is_the_base62_of_101_random_bits(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_records.os, "urandom", lambda n: raw[:n])
-    assert new_uid() == _uid_of(int.from_bytes(raw) >> 3)
+    # The ids come 13 bytes at a time from a pool of urandom bytes: a fresh pool of
+    # ``raw`` repeated gives ``raw``'s id each time.
+    monkeypatch.setattr(http_records.os, "urandom", lambda n: (raw * (n // 13 + 1))[:n])
+    http_records._reset_uid_pool()
+    try:
+        assert new_uid() == _uid_of(int.from_bytes(raw) >> 3)
+        assert new_uid() == _uid_of(int.from_bytes(raw) >> 3)
+    finally:
+        http_records._reset_uid_pool()
+
+
+def test_uid_pool_is_refilled_when_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws: list[int] = []
+    real_urandom = os.urandom
+
+    def urandom(n: int) -> bytes:
+        draws.append(n)
+        return real_urandom(n)
+
+    monkeypatch.setattr(http_records.os, "urandom", urandom)
+    http_records._reset_uid_pool()
+    try:
+        uids = {new_uid() for _ in range(http_records.UID_POOL_BYTES // 13 + 1)}
+    finally:
+        http_records._reset_uid_pool()
+    assert draws == [http_records.UID_POOL_BYTES] * 2 and len(uids) == http_records.UID_POOL_BYTES // 13 + 1
 
 
 def test_uids_differ_and_have_the_zeek_shape() -> None:
