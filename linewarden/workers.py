@@ -72,9 +72,9 @@ and counts, fail-closed refuses (the shim answers SERVFAIL)."""
 HIT_PATH_MAX_BUFFER = 1 << 20
 """Bytes a DNS worker may have queued unsent and still answer on the compiled hit path
 (proxy/dns_hits.py). Past it the main process is behind (its writer backlogged, it stopped
-reading): the Python path, several times slower, answers until the channel drains, and
-its per-record overflow policy applies at ``CHANNEL_MAX_BUFFER``. So a fast path never
-outruns the store: what it answers, the writer keeps up with."""
+reading): the shim holds its UDP listener until the channel drains (``_hold_udp`` in
+proxy/dns_shim.py, at most ``HOLD_MAX_S``; then the Python path, whose per-record overflow
+policy applies at ``CHANNEL_MAX_BUFFER``). So a fast path never outruns the store."""
 BACKLOG_POLL_S = 0.01
 """While the writer is backlogged the channel readers stop reading; they look again this often."""
 BACKLOG_PAUSE_MAX_S = 2.0

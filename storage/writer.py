@@ -176,18 +176,9 @@ class RecordWriter:
     def submit(self, record: Record) -> bool:
         """Queue ``record`` for writing. Never awaits and never touches the disk. Returns False
         only under ``overflow="fail-closed"`` when the queue is full: refuse the flow."""
-        q = self._q
         if self._queued >= self._qmax or self._closing:
             return self._overflow(1)
-        if not q:
-            self._first_at = self._loop.time() if self._loop is not None else 0.0
-            if self._wake is not None:
-                self._wake.set()
-        q.append(record)
-        self._queued += 1
-        self._stats.accepted += 1
-        if self._queued == self._batch_max and self._wake is not None:
-            self._wake.set()
+        self._enqueue(record, 1)
         return True
 
     def submit_copies(self, copies: Copies) -> bool:
@@ -196,17 +187,20 @@ class RecordWriter:
         n = copies.count
         if self._queued + n > self._qmax or self._closing:
             return self._overflow(n)
+        self._enqueue(copies, n)
+        return True
+
+    def _enqueue(self, item: Record | Copies, n: int) -> None:
         q = self._q
         if not q:
             self._first_at = self._loop.time() if self._loop is not None else 0.0
             if self._wake is not None:
                 self._wake.set()
-        q.append(copies)
+        q.append(item)
         self._queued += n
         self._stats.accepted += n
         if self._queued >= self._batch_max and self._wake is not None:
             self._wake.set()
-        return True
 
     def _overflow(self, n: int) -> bool:
         """``n`` records find the queue full: the overflow policy (module docstring)."""
