@@ -19,8 +19,11 @@ as they come, and with their own per-query logging on (dnsmasq
 would meet the audit obligation with them ("+log" rows).
 
 Latency percentiles come from dnsperf's ``-v`` per-query lines (it prints only
-the average itself). linewarden records every query: after its runs the store
-is counted and the count printed next to the queries it answered.
+the average itself). linewarden records every query: it answers before its
+writer commits, so each of its workloads starts once the store holds a record of
+every query sent so far (the wait is printed: the backlog the previous workload
+left), and after its runs the store is counted and the count printed next to the
+queries sent and those dnsperf gave up on.
 
 Usage: ``.venv/bin/python benchmarks/bench_dns.py [--seconds 10] [--workers 2]``
 (needs dnsperf, dnsmasq and unbound: ``apt-get install dnsperf dnsmasq unbound``).
