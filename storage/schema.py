@@ -483,9 +483,7 @@ class RowEncoder:
 
     def _encode_one(self, entry: tuple[Any, ...], row_id: int, out: list[bytes]) -> Iterator[tuple[Any, ...]]:
         proto, companion, ts, uid, port, dns_id, latency = entry
-        plan = self._plans.get(id(proto))
-        if plan is None or plan[0] is not proto or plan[2] is not companion:
-            plan = self._plan(proto, companion)
+        plan = self._plan_for(proto, companion)
         if plan[1] is None:
             # No plan for this prototype (see _plan): the general encoder, record by record.
             for rec in Copies.expand_one(proto, companion, ts, uid, port, dns_id, latency):
@@ -527,9 +525,7 @@ class RowEncoder:
         the third place where the C code must leave the prototype to ``_encode_one``."""
         if len(self._cplans) >= COPY_PLANS_MAX:
             self._cplans.clear()
-        plan = self._plans.get(id(proto))
-        if plan is None or plan[0] is not proto or plan[2] is not companion:
-            plan = self._plan(proto, companion)
+        plan = self._plan_for(proto, companion)
         cplan: tuple[Any, ...] = (proto, companion, None)
         if plan[1] is not None:
             r, t0, x0, ix = plan[1], plan[3], plan[4], plan[6]
@@ -545,6 +541,13 @@ class RowEncoder:
                 cplan = (proto, companion, r, segs, xsegs, comp)
         self._cplans[id(proto)] = cplan
         return cplan
+
+    def _plan_for(self, proto: Record, companion: Record | None) -> tuple[Any, ...]:
+        """The plan kept for ``proto`` and ``companion``, made when there is none."""
+        plan = self._plans.get(id(proto))
+        if plan is None or plan[0] is not proto or plan[2] is not companion:
+            plan = self._plan(proto, companion)
+        return plan
 
     def _plan(self, proto: Record, companion: Record | None) -> tuple[Any, ...]:
         """How the copies of ``proto`` (and of its companion) are built: the prototype's
@@ -621,10 +624,16 @@ class Copies:
 
     entries: list[tuple[Any, Any, int, str, int, int, int]]
     count: int
+    lo: int
+    """Least ``ts`` of the entries (the writer routes and spans batches by it)."""
+    hi: int
+    """Greatest ``ts`` of the entries."""
 
     @classmethod
     def of(cls, entries: list[tuple[Any, Any, int, str, int, int, int]]) -> Copies:
-        return cls(entries, len(entries) + sum(1 for e in entries if e[1] is not None))
+        tss = [e[2] for e in entries]
+        return cls(entries, len(entries) + sum(1 for e in entries if e[1] is not None),
+                   min(tss, default=0), max(tss, default=0))
 
     @staticmethod
     def expand_one(proto: Any, companion: Any, ts: int, uid: str, port: int, dns_id: int,

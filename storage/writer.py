@@ -454,8 +454,7 @@ class RecordWriter:
         route = self._router
         for r in records:
             if type(r) is Copies:
-                tss = [e[2] for e in r.entries]
-                if tss and route.lo <= min(tss) and max(tss) < route.hi:
+                if route.lo <= r.lo and r.hi < route.hi:
                     groups.setdefault(route.day, []).append(r)
                 else:
                     for day, part in r.split(route).items():
@@ -724,9 +723,8 @@ class _Encoding:
         row_id, span, encoder, logical = self.first, self.span, self.st.encoder, self.logical
         for r in self.recs:
             if type(r) is Copies:
-                tss = [e[2] for e in r.entries]  # before the rows: the last is taken, no more
-                if tss:
-                    span[0], span[1] = min(span[0], min(tss)), max(span[1], max(tss))
+                # Before the rows: once the last is taken, this generator runs no further.
+                span[0], span[1] = min(span[0], r.lo), max(span[1], r.hi)
                 for row in encoder.encode_copies(r, row_id, logical):
                     row_id += 1
                     yield row
