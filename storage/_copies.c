@@ -167,6 +167,28 @@ static PyObject *row(long long row_id, PyObject *r, PyObject *ts, PyObject *uid,
     return t;
 }
 
+/* segs[0] vals[0] segs[1] ... vals[n-1] segs[n]: the values cut out of a prototype's
+ * msgpack, put back. vals[str_at] is a str (-1: none), the others ints. -2: a value
+ * put_int cannot write (Python's turn); -1: an error. */
+static int put_spliced(Buf *b, PyObject *segs, PyObject **vals, int n, int str_at) {
+    for (int k = 0; k < n; k++) {
+        if (put_bytes(b, PyTuple_GET_ITEM(segs, k)) < 0)
+            return -1;
+        if ((k == str_at ? put_str(b, vals[k]) : put_int(b, vals[k])) < 0)
+            return -2;
+    }
+    return put_bytes(b, PyTuple_GET_ITEM(segs, n));
+}
+
+/* Appends row `t` to `out` and its logical bytes `lg` to `logical`; steals both. */
+static int emit(PyObject *out, PyObject *logical, PyObject *t, PyObject *lg) {
+    int r = (t == NULL || lg == NULL || PyList_Append(out, t) < 0 || PyList_Append(logical, lg) < 0)
+                ? -1 : 0;
+    Py_XDECREF(t);
+    Py_XDECREF(lg);
+    return r;
+}
+
 static int valid_plan(PyObject *plan, PyObject *proto, PyObject *companion) {
     return PyTuple_CheckExact(plan) && PyTuple_GET_SIZE(plan) == 6 &&
            PyTuple_GET_ITEM(plan, 0) == proto && PyTuple_GET_ITEM(plan, 1) == companion;
@@ -209,68 +231,38 @@ static PyObject *rows(PyObject *self, PyObject *args) {
         if (!PyLong_CheckExact(ts) || !PyUnicode_CheckExact(uid) || !PyLong_CheckExact(port) ||
             !PyLong_CheckExact(dns_id) || !PyLong_CheckExact(lat))
             break;
-        Py_ssize_t mark = PyList_GET_SIZE(out);
         PyObject *vals[5] = {ts, uid, port, dns_id, lat};
         b.n = 0;
-        for (int k = 0; k < 5; k++) {
-            if (put_bytes(&b, PyTuple_GET_ITEM(segs, k)) < 0)
-                goto fail;
-            if ((k == 1 ? put_str(&b, vals[k]) : put_int(&b, vals[k])) < 0)
-                goto fail_value;
+        int got = put_spliced(&b, segs, vals, 5, 1);
+        if (got == -2) {
+            /* A value put_int cannot write (over 64 bits): Python's turn for this entry. */
+            PyErr_Clear();
+            break;
         }
-        if (put_bytes(&b, PyTuple_GET_ITEM(segs, 5)) < 0)
+        if (got < 0)
             goto fail;
         PyObject *lg = take(&b);
         if (lg == NULL)
             goto fail;
-        if (put_bytes(&b, PyTuple_GET_ITEM(xsegs, 0)) < 0 || put_int(&b, dns_id) < 0 ||
-            put_bytes(&b, PyTuple_GET_ITEM(xsegs, 1)) < 0 || put_int(&b, lat) < 0 ||
-            put_bytes(&b, PyTuple_GET_ITEM(xsegs, 2)) < 0) {
+        if (put_spliced(&b, xsegs, vals + 3, 2, -1) < 0) { /* dns_id, latency_us: written above */
             Py_DECREF(lg);
             goto fail;
         }
         PyObject *x = take(&b);
-        PyObject *t = x ? row(row_id, r, ts, uid, port, x) : NULL;
-        if (t == NULL || PyList_Append(out, t) < 0 || PyList_Append(logical, lg) < 0) {
-            Py_XDECREF(t);
-            Py_DECREF(lg);
+        if (emit(out, logical, x ? row(row_id, r, ts, uid, port, x) : NULL, lg) < 0)
             goto fail;
-        }
-        Py_DECREF(t);
-        Py_DECREF(lg);
         row_id++;
         if (comp != Py_None) {
-            PyObject *cr = PyTuple_GET_ITEM(comp, 0), *cs = PyTuple_GET_ITEM(comp, 1);
-            PyObject *cx = PyTuple_GET_ITEM(comp, 2);
-            PyObject *cvals[3] = {ts, uid, port};
-            for (int k = 0; k < 3; k++) {
-                if (put_bytes(&b, PyTuple_GET_ITEM(cs, k)) < 0 ||
-                    (k == 1 ? put_str(&b, cvals[k]) : put_int(&b, cvals[k])) < 0)
-                    goto fail;
-            }
-            if (put_bytes(&b, PyTuple_GET_ITEM(cs, 3)) < 0)
+            /* ts, uid, client_port: written once above, they cannot fail here. */
+            if (put_spliced(&b, PyTuple_GET_ITEM(comp, 1), vals, 3, 1) < 0)
                 goto fail;
             PyObject *clg = take(&b);
-            if (clg == NULL)
+            PyObject *cx = PyTuple_GET_ITEM(comp, 2);
+            Py_INCREF(cx); /* row() takes it */
+            if (emit(out, logical, row(row_id, PyTuple_GET_ITEM(comp, 0), ts, uid, port, cx), clg) < 0)
                 goto fail;
-            Py_INCREF(cx);
-            PyObject *ct = row(row_id, cr, ts, uid, port, cx);
-            if (ct == NULL || PyList_Append(out, ct) < 0 || PyList_Append(logical, clg) < 0) {
-                Py_XDECREF(ct);
-                Py_DECREF(clg);
-                goto fail;
-            }
-            Py_DECREF(ct);
-            Py_DECREF(clg);
             row_id++;
         }
-        continue;
-    fail_value:
-        /* A value put_int cannot write (over 64 bits): Python's turn for this entry. */
-        PyErr_Clear();
-        if (PyList_SetSlice(out, mark, PyList_GET_SIZE(out), NULL) < 0)
-            goto fail;
-        break;
     }
     PyMem_Free(b.p);
     return Py_BuildValue("(Nn)", out, i);
