@@ -25,8 +25,8 @@ other turn continues in a task running the same code as before (``_serve``).
 
 Must not: decide (the Engine does), parse TLS (``proxy.tlshello``) or HTTP
 (``rules.wire``), or write SQL (records go to ``submit``). Errors: one
-``except`` per connection (``_serve`` for a task, ``_AcceptedSide._advance``
-and ``_connected`` for the callbacks) turns anything unexpected into a closed
+``except`` per connection (``_serve`` for a task, ``_AcceptedSide._guarded``
+for the callbacks) turns anything unexpected into a closed
 connection and a conn record with ``close_reason="error: ..."``; the listener
 keeps serving everyone else (STYLE.md 5).
 """
@@ -601,18 +601,18 @@ class _AcceptedSide(Side):
 
     # -- the stages -----------------------------------------------------------
 
-    def _advance(self) -> None:
-        """New bytes or an EOF before the connect: the one ``except`` of the callbacks."""
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        """Run one step of the callbacks: their one ``except`` (STYLE.md 5)."""
         try:
-            if self._stage == _FIRST:
-                self._first()
-            elif self._stage == _TUNNEL:
-                self._tunnel()
-            else:
-                self._hello()
+            step(*args)
         except Exception as exc:  # anything unexpected ends this connection only
             self._fp._failed(self._state, exc)  # type: ignore[arg-type]
             self._end()
+
+    def _advance(self) -> None:
+        """New bytes or an EOF before the connect."""
+        stage = self._stage
+        self._guarded(self._first if stage == _FIRST else self._tunnel if stage == _TUNNEL else self._hello)
 
     def _silent(self) -> None:
         """No byte within ``FIRST_BYTES_TIMEOUT`` of the accept."""
@@ -731,34 +731,33 @@ class _AcceptedSide(Side):
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         """The connect is over: record the decision, then relay (or end)."""
-        fp, state, dst = self._fp, self._state, self._dst
-        assert state is not None and dst is not None and self._decision is not None
         self._connecting = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        try:
-            upstream: Side | None = None
-            if task.cancelled():
-                if state.close_reason is not None:
-                    self._end()  # the proxy is stopping (``shutdown``)
-                    return
-                fp.connect_failed(state, dst[0], dst[1], TimeoutError())  # the connect timer
-            elif (exc := task.exception()) is None:
-                transport, upstream = task.result()
-                fp.connected(state, transport, upstream)  # type: ignore[arg-type]
-            elif isinstance(exc, (OSError, TimeoutError)):
-                fp.connect_failed(state, dst[0], dst[1], exc)
-            else:
-                raise exc
-            fp.tls_record(state, self._decision)  # after connecting: it carries the server and NAT addresses
-            if upstream is None or state.close_reason is not None:
-                self._end()
+        self._guarded(self._after_connect, task)
+
+    def _after_connect(self, task: asyncio.Task[Any]) -> None:
+        fp, state, dst = self._fp, self._state, self._dst
+        assert state is not None and dst is not None and self._decision is not None
+        upstream: Side | None = None
+        if task.cancelled():
+            if state.close_reason is not None:
+                self._end()  # the proxy is stopping (``shutdown``)
                 return
-            self._relay(upstream)
-        except Exception as exc:  # anything unexpected ends this connection only
-            fp._failed(state, exc)
+            fp.connect_failed(state, dst[0], dst[1], TimeoutError())  # the connect timer
+        elif (exc := task.exception()) is None:
+            transport, upstream = task.result()
+            fp.connected(state, transport, upstream)  # type: ignore[arg-type]
+        elif isinstance(exc, (OSError, TimeoutError)):
+            fp.connect_failed(state, dst[0], dst[1], exc)
+        else:
+            raise exc
+        fp.tls_record(state, self._decision)  # after connecting: it carries the server and NAT addresses
+        if upstream is None or state.close_reason is not None:
             self._end()
+            return
+        self._relay(upstream)
 
     def _relay(self, upstream: Side) -> None:
         """The transports relay; the record is written once both ends are closed."""
@@ -781,11 +780,7 @@ class _AcceptedSide(Side):
     def _relay_over(self, _: object) -> None:
         """A side closed (``_transports_closed``), or one received ``RELAY_AFTER`` bytes:
         the socket relay takes over in a task."""
-        try:
-            self._relay_ended()
-        except Exception as exc:  # anything unexpected ends this connection only
-            self._fp._failed(self._state, exc)  # type: ignore[arg-type]
-            self._end()
+        self._guarded(self._relay_ended)
 
     def _relay_ended(self) -> None:
         upstream = self._state.upstream  # type: ignore[union-attr]
