@@ -240,7 +240,7 @@ def count_dns_records(store: Path) -> int:
 
 
 def stored_dns_rows(store: Path) -> int:
-    """DNS rows committed so far, counted in SQLite directly (cheap enough to poll)."""
+    """DNS records committed so far, counted in SQLite directly (cheap enough to poll)."""
     import sqlite3
 
     n = 0
@@ -249,6 +249,9 @@ def stored_dns_rows(store: Path) -> int:
             with sqlite3.connect(f"file:{f}?mode=ro", uri=True, timeout=5) as c:
                 n += c.execute("SELECT count(*) FROM rec JOIN kinds ON rec.kind = kinds.code "
                                "WHERE kinds.tag = 'dns'").fetchone()[0]
+                # The hit path's copies kept as runs (storage/runs.py): count each copy.
+                n += c.execute("SELECT coalesce(sum(count), 0) FROM runs JOIN protos ON runs.proto = protos.id "
+                               "JOIN kinds ON protos.kind = kinds.code WHERE kinds.tag = 'dns'").fetchone()[0]
         except sqlite3.Error:
             pass
     return n

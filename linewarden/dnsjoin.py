@@ -93,6 +93,11 @@ RELEASE_GRAIN_S = 0.05
 """Least delay of the release timer: held records whose wait ends within it go
 together (at hundreds of connections a second, one timer per record otherwise)."""
 
+LEARN_DELAY_S = 0.05
+"""How long the DNS hit path's copies may wait to be learnt (``JoinSink.submit_copies``):
+at 100k hits a second over a thousand names, one learn per name per window instead of
+one per hit. Nothing reads the table in between without learning them first."""
+
 _ADDR_QTYPES = frozenset((1, 28))  # A, AAAA
 
 
@@ -223,6 +228,10 @@ class JoinSink:
         self.join = join or DnsJoin()
         self.clock = clock
         self._timer: asyncio.TimerHandle | None = None
+        self._unlearnt: dict[int, tuple[Any, ...]] = {}
+        """id(prototype) -> its latest hit-path copy not learnt yet, in the order of the
+        latest copies (``submit_copies``)."""
+        self._learn_timer: asyncio.TimerHandle | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.writer, name)
@@ -233,10 +242,14 @@ class JoinSink:
             # Inline for the common case (every DNS query passes here): learn, pass on.
             r: Any = record
             if r.answers and r.qtype in _ADDR_QTYPES and r.client_ip and r.qname:
+                if self._unlearnt:
+                    self._learn_copies()
                 self.join.learn(r.client_ip, r.qname, r.answers, r.ts)
             return self.writer.submit(record)  # type: ignore[no-any-return]
         if kind is not Conn:
             return self.writer.submit(record)  # type: ignore[no-any-return]
+        if self._unlearnt:
+            self._learn_copies()
         out = self.join.feed(record, self.clock())
         if self._timer is None and self.join.held:
             self._arm()
@@ -245,19 +258,30 @@ class JoinSink:
         return self.writer.submit(out)  # type: ignore[no-any-return]
 
     def submit_copies(self, copies: Copies) -> bool:
-        """The DNS hit path's records: learnt once per prototype (its latest copy, in the
-        order of the latest copies: the table ends as if each had been learnt in turn)."""
-        latest: dict[int, tuple[Any, ...]] = {}
+        """The DNS hit path's records, learnt once per prototype within ``LEARN_DELAY_S``:
+        its latest copy, in the order of the latest copies, so the table ends as if each
+        had been learnt in turn. Whatever reads or changes the table (a Conn, a record
+        of the Python path, a release) first learns what is pending."""
+        latest = self._unlearnt
         for e in copies.entries:
             k = id(e[0])
             if k in latest:
                 del latest[k]
             latest[k] = e
+        if latest and self._learn_timer is None:
+            self._learn_timer = asyncio.get_running_loop().call_later(LEARN_DELAY_S, self._learn_copies)
+        return self.writer.submit_copies(copies)  # type: ignore[no-any-return]
+
+    def _learn_copies(self) -> None:
+        if self._learn_timer is not None:
+            self._learn_timer.cancel()
+            self._learn_timer = None
+        latest, self._unlearnt = self._unlearnt, {}
+        learn = self.join.learn
         for e in latest.values():
             r = e[0]
             if r.answers and r.qtype in _ADDR_QTYPES and r.client_ip and r.qname:
-                self.join.learn(r.client_ip, r.qname, r.answers, e[2])
-        return self.writer.submit_copies(copies)  # type: ignore[no-any-return]
+                learn(r.client_ip, r.qname, r.answers, e[2])
 
     def _arm(self) -> None:
         due = self.join.next_release()
@@ -268,11 +292,13 @@ class JoinSink:
 
     def _release(self) -> None:
         self._timer = None
+        self._learn_copies()
         for r in self.join.release(self.clock()):
             self.writer.submit(r)
         self._arm()
 
     def _drain(self) -> None:
+        self._learn_copies()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -252,9 +252,108 @@ fail:
     return NULL;
 }
 
+static unsigned long long get_le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* expand(records, templates) -> (entries, count, lo, hi): the hit records of a
+ * channel frame as the fields of a storage.schema.Copies (proxy/dns_hits.py
+ * expand() + Copies.of are the same in Python): entries (proto, alarm, ts, uid,
+ * client_port, dns_id, latency_us), the records they stand for (an alarm is
+ * one more), the least and greatest ts (0 and 0 for none). The uid is
+ * the template's prefix + the sequence number in lower-case hex. `templates`
+ * maps a template number to (prefix, proto, alarm); a number missing there
+ * raises KeyError, as the dict would. Here because the main process runs it
+ * for every hit the workers answered: ~0.2 µs a hit against ~1 µs in Python. */
+static PyObject *expand(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf;
+    PyObject *templates;
+    if (!PyArg_ParseTuple(args, "y*O!", &buf, &PyDict_Type, &templates))
+        return NULL;
+    Py_ssize_t n = buf.len / RECORD_SIZE;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    const unsigned char *p = buf.buf;
+    long long lo = 0, hi = 0;
+    Py_ssize_t count = n;
+    unsigned long last_tid = 0;
+    PyObject *tmpl = NULL; /* borrowed from `templates`, for runs of one template */
+    char uid[128];
+    for (Py_ssize_t i = 0; i < n; i++, p += RECORD_SIZE) {
+        unsigned long tid = (unsigned long)get_le(p + 16, 4);
+        if (tmpl == NULL || tid != last_tid) {
+            PyObject *key = PyLong_FromUnsignedLong(tid);
+            if (key == NULL)
+                goto fail;
+            tmpl = PyDict_GetItemWithError(templates, key);
+            if (tmpl == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetObject(PyExc_KeyError, key);
+                Py_DECREF(key);
+                goto fail;
+            }
+            Py_DECREF(key);
+            if (!PyTuple_CheckExact(tmpl) || PyTuple_GET_SIZE(tmpl) != 3 ||
+                !PyUnicode_CheckExact(PyTuple_GET_ITEM(tmpl, 0))) {
+                PyErr_SetString(PyExc_TypeError, "a template is (prefix, proto, alarm)");
+                tmpl = NULL;
+                goto fail;
+            }
+            last_tid = tid;
+        }
+        Py_ssize_t plen;
+        const char *prefix = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(tmpl, 0), &plen);
+        if (prefix == NULL)
+            goto fail;
+        if (plen > (Py_ssize_t)sizeof(uid) - 17) {
+            PyErr_SetString(PyExc_ValueError, "uid prefix too long");
+            goto fail;
+        }
+        memcpy(uid, prefix, (size_t)plen);
+        int hex = snprintf(uid + plen, 17, "%llx", get_le(p + 8, 8));
+        PyObject *e = PyTuple_New(7);
+        if (e == NULL)
+            goto fail;
+        PyList_SET_ITEM(out, i, e); /* the list owns it, filled or not */
+        long long ts = (long long)get_le(p, 8);
+        lo = (i == 0 || ts < lo) ? ts : lo;
+        hi = (i == 0 || ts > hi) ? ts : hi;
+        count += PyTuple_GET_ITEM(tmpl, 2) != Py_None;
+        PyObject *vals[7] = {PyTuple_GET_ITEM(tmpl, 1), PyTuple_GET_ITEM(tmpl, 2),
+                             PyLong_FromLongLong(ts),
+                             PyUnicode_FromStringAndSize(uid, plen + hex),
+                             PyLong_FromLong((long)get_le(p + 20, 2)),
+                             PyLong_FromLong((long)get_le(p + 22, 2)),
+                             PyLong_FromUnsignedLong((unsigned long)get_le(p + 24, 4))};
+        Py_INCREF(vals[0]);
+        Py_INCREF(vals[1]);
+        int ok = 1;
+        for (int k = 0; k < 7; k++) {
+            ok &= vals[k] != NULL;
+            PyTuple_SET_ITEM(e, k, vals[k]);
+        }
+        if (!ok)
+            goto fail;
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(NnLL)", out, count, lo, hi);
+fail:
+    PyBuffer_Release(&buf);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"serve", serve, METH_VARARGS,
      "serve(fd, table, records, seq, max) -> (misses, seq_after, hits, unsent, more)"},
+    {"expand", expand, METH_VARARGS, "expand(records, templates) -> (entries, count, lo, hi)"},
     {NULL, NULL, 0, NULL},
 };
 

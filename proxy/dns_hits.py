@@ -86,13 +86,22 @@ def client_key(ip: str) -> bytes | None:
 
 
 def copies(records: bytes, templates: dict[int, Template]) -> Copies:
-    """Hit records as the store takes them: each its template's prototypes + its own values."""
+    """Hit records as the store takes them: each its template's prototypes + its own values
+    (in C where it is built: the main process does this for every hit)."""
+    if _dnshits is not None and ENABLED:
+        return Copies(*_dnshits.expand(records, templates))
+    return Copies.of(expand(records, templates))
+
+
+def expand(records: bytes, templates: dict[int, Template]) -> list[tuple[Any, Any, int, str, int, int, int]]:
+    """``copies``' entries, in Python (``_dnshits.expand`` is the same in C, with the
+    other fields of the Copies)."""
     entries: list[tuple[Any, Any, int, str, int, int, int]] = []
     append = entries.append
     for ts, seq, tid, port, dns_id, latency in HIT_RECORD.iter_unpack(records):
         prefix, proto, alarm = templates[tid]
         append((proto, alarm, ts, f"{prefix}{seq:x}", port, dns_id, latency))
-    return Copies.of(entries)
+    return entries
 
 
 class FastHits:

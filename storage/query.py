@@ -17,6 +17,7 @@ Read-only. Must not load more than one day's cursor at a time or write to the st
 from __future__ import annotations
 
 import csv
+import heapq
 import datetime as dt
 import io
 import ipaddress
@@ -27,11 +28,13 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from storage.partitions import day_of, day_path, list_days, open_readonly, store_tz
 from storage.records import RECORD_TYPES, Record
+from storage.runs import Runs
 from storage.schema import ACTIONS, RowDecoder, domain_key, ipv4_db
 
 US = 1_000_000
@@ -94,13 +97,14 @@ def _ip_clause(ip: str) -> tuple[str, list[object]]:
     return f"({sql})", [lo, hi] * 3 + [ip] * 3
 
 
-def _day_sql(conn: sqlite3.Connection, f: Filters) -> tuple[str, list[object]] | None:
-    """The WHERE clause for one day file, or None when the day cannot match."""
+def _day_sql(conn: sqlite3.Connection, f: Filters, *, timeless: bool = False) -> tuple[str, list[object]] | None:
+    """The WHERE clause for one day file, or None when the day cannot match. ``timeless``:
+    without the conditions on ts and id (for the prototypes of runs, storage/runs.py)."""
     where, args = [], []
-    if f.since is not None:
+    if f.since is not None and not timeless:
         where.append("ts >= ?")
         args.append(f.since)
-    if f.until is not None:
+    if f.until is not None and not timeless:
         where.append("ts < ?")
         args.append(f.until)
     if f.account is not None:
@@ -117,7 +121,7 @@ def _day_sql(conn: sqlite3.Connection, f: Filters) -> tuple[str, list[object]] |
         where.append(f"domain IN ({','.join('?' * len(ids))})" if len(ids) <= 500 else
                      "domain IN (SELECT id FROM strs WHERE rkey = ? OR (rkey > ? AND rkey < ?))")
         args.extend(ids if len(ids) <= 500 else [k, k + ".", k + "/"])
-    if (f.since is not None or f.until is not None) and f.account is None and f.domain is None:
+    if (f.since is not None or f.until is not None) and f.account is None and f.domain is None and not timeless:
         lo, hi = conn.execute(
             "SELECT min(first_id), max(last_id) FROM batches WHERE max_ts >= ? AND min_ts < ?",
             (f.since if f.since is not None else -(2**62), f.until if f.until is not None else 2**62),
@@ -174,20 +178,38 @@ def query(
             return
         conn = open_readonly(day_path(store_dir, day))
         try:
-            plan = _day_sql(conn, f)
-            if plan is None:
-                continue
-            where, args = plan
-            sql = f"SELECT * FROM rec WHERE {where} ORDER BY ts, id"
-            if left is not None:
-                sql += f" LIMIT {int(left)}"
-            dec = RowDecoder(conn)
-            for row in conn.execute(sql, args):
-                yield dec.record(row)
+            for rec in _day_records(conn, f, left):
+                yield rec
                 if left is not None:
                     left -= 1
+                    if left <= 0:
+                        break
         finally:
             conn.close()
+
+
+def _day_records(conn: sqlite3.Connection, f: Filters, limit: int | None) -> Iterator[Record]:
+    """The matching records of one day file in (ts, id) order: its ``rec`` rows and its
+    runs' records (storage/runs.py) merged."""
+    dec = RowDecoder(conn)
+    plan = _day_sql(conn, f)
+    rows: Iterator[tuple[int, int, Any]] = iter(())
+    if plan is not None:
+        sql = f"SELECT * FROM rec WHERE {plan[0]} ORDER BY ts, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = ((row[2], row[0], dec.record(row)) for row in conn.execute(sql, plan[1]))
+    timeless = _day_sql(conn, f, timeless=True)
+    copies: Iterator[tuple[int, int, Any]] = iter(())
+    if timeless is not None:
+        copies = ((ts, rid, dec.build(*vals))
+                  for ts, rid, vals in Runs(conn, dec).in_time_order(timeless[0], timeless[1], f.since, f.until))
+    for _ts, _id, rec in heapq.merge(rows, copies, key=_ts_id):
+        yield rec
+
+
+def _ts_id(t: tuple[int, int, Any]) -> tuple[int, int]:
+    return t[0], t[1]
 
 
 # --- output --------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ except ImportError:  # built without a C compiler: Python builds the rows of Cop
 if os.environ.get("LINEWARDEN_PURE_PYTHON", "") not in ("", "0"):
     _copies = None
 
-FORMAT_VERSION = 1
-"""Bumped when the table layout changes incompatibly; stored in each file's ``meta``."""
+FORMAT_VERSION = 2
+"""Bumped when the table layout changes; stored in each file's ``meta``. 2 added
+``protos`` and ``runs`` (storage/runs.py); a format 1 file has neither and reads as before."""
 
 ACTIONS: tuple[str, ...] = get_args(Action)
 RECORD_FIELDS: tuple[str, ...] = Record.__struct_fields__
@@ -80,7 +81,13 @@ DDL = [
     "CREATE INDEX IF NOT EXISTS rec_domain ON rec(domain) WHERE domain IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS batches(n INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, "
     "last_id INTEGER NOT NULL, min_ts INTEGER NOT NULL, max_ts INTEGER NOT NULL, hash BLOB NOT NULL)",
+    # Runs of copies (storage/runs.py): a prototype's row once in ``protos`` (the columns of
+    # ``rec``), its copies' varying values packed in one ``runs`` row.
+    f"CREATE TABLE IF NOT EXISTS protos({', '.join(c if c != 'id' else 'id INTEGER PRIMARY KEY' for c in COLUMNS)})",
+    "CREATE TABLE IF NOT EXISTS runs(first_id INTEGER PRIMARY KEY, proto INTEGER NOT NULL, companion INTEGER, "
+    "count INTEGER NOT NULL, min_ts INTEGER NOT NULL, max_ts INTEGER NOT NULL, data BLOB NOT NULL)",
 ]
+RUN_COLUMNS = ("first_id", "proto", "companion", "count", "min_ts", "max_ts", "data")
 UPDATE_RKEY = "UPDATE strs SET rkey = ? WHERE id = ?"
 INSERT_BATCH = "INSERT INTO batches(n, first_id, last_id, min_ts, max_ts, hash) VALUES (?, ?, ?, ?, ?, ?)"
 
@@ -446,10 +453,15 @@ class RowEncoder:
         self.interner = interner
         self._by_type = {lay.cls: _compile_encoder(lay, interner) for lay in layouts.values()}
         self._plans: dict[int, tuple[Any, ...]] = {}
-        self._cplans: dict[int, tuple[Any, ...]] = {}
-        """id(prototype) -> the C code's plan (``_c_plan``), the prototype held likewise."""
         """id(prototype) -> its copy plan (``_plan``); the prototype is held in the plan,
         so an id is never reused while its plan is here."""
+        self._cplans: dict[int, tuple[Any, ...]] = {}
+        """id(prototype) -> the C code's plan (``_c_plan``), the prototype held likewise."""
+        self._protos: dict[int, tuple[Any, Any, int, int | None]] = {}
+        """id(prototype) -> (prototype, companion, their ids in ``protos``)."""
+        self._new_protos: list[tuple[Any, ...]] = []
+        self.next_proto = 1
+        """Id of the next ``protos`` row (the writer sets it from the file)."""
 
     def encode(self, rec: Record, row_id: int) -> tuple[tuple[Any, ...], bytes]:
         fn = self._by_type.get(type(rec))
@@ -480,6 +492,56 @@ class RowEncoder:
                 row_id += 1
                 yield row
             i += 1
+
+    def runnable(self, proto: Record, companion: Record | None) -> bool:
+        """Whether copies of ``proto`` (and ``companion``) can be kept as a run
+        (storage/runs.py): only where their rows differ from the prototype's in the
+        varying fields alone, which is where a plan exists."""
+        return self._plan_for(proto, companion)[1] is not None
+
+    def encode_run(self, entries: list[tuple[Any, ...]], row_id: int, out: list[bytes]) -> tuple[int, int | None, bytes]:
+        """A run of ``entries`` (copies of one runnable prototype and companion, in ts
+        order; storage/runs.py): the ids of the ``protos`` rows holding the prototype
+        and its companion (new ones are kept for ``take_protos``) and the run's ``data``.
+        The copies' logical bytes, from ``row_id`` on, are appended to ``out`` (exactly
+        those of their rows). In C (``storage._copies.run``) where it is built."""
+        proto, companion = entries[0][0], entries[0][1]
+        data = None
+        if _copies is not None:
+            plan = self._cplans.get(id(proto))
+            if plan is None or plan[0] is not proto or plan[1] is not companion:
+                self._c_plan(proto, companion)
+            data = _copies.run(entries, self._cplans, out)
+        if data is None:
+            for _ in self.encode_copies(Copies(entries, 0, 0, 0), row_id, out):
+                pass
+            data = _enc.encode([e[2:] for e in entries])
+        return (*self._proto_ids(proto, companion), data)
+
+    def _proto_ids(self, proto: Record, companion: Record | None) -> tuple[int, int | None]:
+        got = self._protos.get(id(proto))
+        if got is None or got[0] is not proto or got[1] is not companion:
+            if len(self._protos) >= COPY_PLANS_MAX:
+                self._protos.clear()
+            pid = self.next_proto
+            cpid = pid + 1 if companion is not None else None
+            self.next_proto += 1 if companion is None else 2
+            self._new_protos.append(self.encode(proto, pid)[0])
+            if companion is not None:
+                self._new_protos.append(self.encode(companion, pid + 1)[0])
+            got = self._protos[id(proto)] = (proto, companion, pid, cpid)
+        return got[2], got[3]
+
+    def take_protos(self) -> list[tuple[Any, ...]]:
+        """``protos`` rows made since the last call (for the transaction's INSERT)."""
+        new, self._new_protos = self._new_protos, []
+        return new
+
+    def forget_protos(self, next_proto: int) -> None:
+        """After a rollback: the rows made since the last commit are not in the file."""
+        self._protos.clear()
+        self._new_protos = []
+        self.next_proto = next_proto
 
     def _encode_one(self, entry: tuple[Any, ...], row_id: int, out: list[bytes]) -> Iterator[tuple[Any, ...]]:
         proto, companion, ts, uid, port, dns_id, latency = entry
@@ -656,6 +718,25 @@ class Copies:
         return {d: Copies.of(es) for d, es in groups.items()}
 
 
+def by_prototype(copies: list[Copies]) -> list[list[tuple[Any, ...]]]:
+    """The entries of ``copies`` grouped by prototype and companion, groups in order of
+    first appearance, entries in their order (the writer's runs, storage/runs.py); in C
+    where ``storage._copies`` is built (the writer does it for every DNS hit)."""
+    if _copies is not None:
+        got = _copies.group([c.entries for c in copies])
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+    by: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+    for c in copies:
+        for e in c.entries:
+            k = (id(e[0]), id(e[1]))
+            g = by.get(k)
+            if g is None:
+                g = by[k] = []
+            g.append(e)
+    return list(by.values())
+
+
 # The column order above is written out for speed; this guards it against drift.
 assert COLUMNS == (
     "id", "kind", "ts", "uid", "account", "client_ip", "client_port", "client_mac", "nat_ip",
@@ -731,11 +812,19 @@ class RowDecoder:
 
     def logical(self, row: tuple[Any, ...]) -> bytes:
         """The bytes the writer hashed for this row."""
-        lay, v = self.values(row)
+        return self.logical_of(*self.values(row))
+
+    @staticmethod
+    def logical_of(lay: Layout, v: dict[str, Any]) -> bytes:
+        """The logical bytes of ``values``' result."""
         return _enc.encode((lay.tag, tuple(v[f] for f in lay.fields)))
 
     def record(self, row: tuple[Any, ...]) -> Record:
-        lay, v = self.values(row)
+        return self.build(*self.values(row))
+
+    @staticmethod
+    def build(lay: Layout, v: dict[str, Any]) -> Record:
+        """The record of ``values``' result (a run's copy is such a result, changed)."""
         cls = lay.cls
         if cls is None:
             raise ValueError(f"unknown record kind {lay.tag!r}")

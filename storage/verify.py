@@ -63,6 +63,7 @@ class VerifyReport:
 
 def verify_day_file(path: str | os.PathLike[str], day: str) -> DayResult:
     """Recompute the chain of one day file from its rows."""
+    from storage.runs import by_id
     from storage.schema import RowDecoder
 
     res = DayResult(day)
@@ -78,7 +79,7 @@ def verify_day_file(path: str | os.PathLike[str], day: str) -> DayResult:
             p.append(Problem(day, None, f"file belongs to day {meta_day and meta_day[0]!r} (replaced by another day's file)"))
         dec = RowDecoder(conn, preload=True)
         batches = conn.execute("SELECT n, first_id, last_id, hash FROM batches ORDER BY n").fetchall()
-        rows = conn.execute("SELECT * FROM rec ORDER BY id")
+        rows = by_id(conn, dec)
         pending = next(rows, None)
         prev = genesis(day)
         expect_n, expect_first = 0, None
@@ -99,7 +100,7 @@ def verify_day_file(path: str | os.PathLike[str], day: str) -> DayResult:
                     missing.extend(range(want, rid))
                     want = rid + 1
                     try:
-                        logical.append(dec.logical(pending))
+                        logical.append(pending[1]())
                     except Exception as exc:
                         bad.append(f"row {rid} cannot be decoded ({exc})")
                 pending = next(rows, None)

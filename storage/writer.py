@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import operator
 import os
 import queue
 import signal
@@ -66,12 +67,14 @@ from storage.records import Alarm, Maintenance, Record
 from storage.retention import deletable, disk_status, expired_days, remove_day
 from storage.schema import (
     COLUMNS,
-    Copies,
     INSERT_BATCH,
+    RUN_COLUMNS,
     UPDATE_RKEY,
+    Copies,
     Interner,
     Layout,
     RowEncoder,
+    by_prototype,
     chunk_plan,
     current_layouts,
     insert_statements,
@@ -80,6 +83,8 @@ from storage.schema import (
 )
 
 log = logging.getLogger("linewarden.storage")
+_TS = operator.itemgetter(2)
+"""The ts of a ``Copies`` entry."""
 US = 1_000_000
 DISK_ALARM_EVERY_S = 3600
 """A disk_low alarm at most once an hour: loud enough, not a flood."""
@@ -491,11 +496,14 @@ class RecordWriter:
         encoding = self._loop.run_in_executor(self._encoder, enc.run)
         try:
             await c.execute("BEGIN IMMEDIATE")
-            for size, lo, hi in enc.plan:
+            for size, lo, hi in await asyncio.wrap_future(enc.planned):
                 await c.executemany(multi_insert_sql("rec", COLUMNS, size), enc.chunks((hi - lo) // size))
             hashed = await encoding
             assert hashed is not None  # None only once the transaction is abandoned
             head, count = hashed
+            for table, columns, rows in (("protos", COLUMNS, st.encoder.take_protos()), ("runs", RUN_COLUMNS, enc.runs)):
+                for sql, params in insert_statements(table, columns, rows):
+                    await c.execute(sql, params)
             new_strs, new_rkeys = st.interner.take()
             for sql, params in insert_statements("strs", ("id", "v", "rkey"), new_strs):
                 await c.execute(sql, params)
@@ -514,6 +522,7 @@ class RecordWriter:
             except Exception:
                 pass
             st.interner.load(await c.execute_fetchall("SELECT id, v, rkey FROM strs"))
+            st.encoder.forget_protos(await _next_proto(c))
             raise
         st.next_id, st.next_batch, st.head = first + count, n + 1, head
         st.last_used = self._loop.time()
@@ -554,7 +563,9 @@ class RecordWriter:
         strs = await conn.execute_fetchall("SELECT id, v, rkey FROM strs")
         interner = Interner(strs)
         last = await conn.execute_fetchall("SELECT n, last_id, hash FROM batches ORDER BY n DESC LIMIT 1")
-        max_id = (await conn.execute_fetchall("SELECT max(id) FROM rec"))[0][0] or 0
+        max_id = (await conn.execute_fetchall(
+            "SELECT max(coalesce((SELECT max(id) FROM rec), 0), "
+            "coalesce((SELECT max(first_id + count * (1 + (companion IS NOT NULL)) - 1) FROM runs), 0))"))[0][0]
         if last:
             n, last_id, head = last[0]
             next_batch, head = n + 1, bytes(head)
@@ -563,7 +574,9 @@ class RecordWriter:
             next_batch, head, next_id = 0, genesis(day), max_id + 1
         signed_batch, signed_final = self._signed.get(day, (-1, False))
         assert self._loop is not None
-        return DayState(day, conn, interner, RowEncoder(by_tag, interner), next_id, next_batch, head,
+        encoder = RowEncoder(by_tag, interner)
+        encoder.forget_protos(await _next_proto(conn))
+        return DayState(day, conn, interner, encoder, next_id, next_batch, head,
                         signed_batch, signed_final, self._loop.time(), self._loop.time())
 
     def _ended(self, day: str, now: float) -> bool:
@@ -678,34 +691,82 @@ class RecordWriter:
 
 
 class _Encoding:
-    """The encoder thread's part of one transaction: rows in ``chunk_plan`` chunks, handed
-    to the SQL thread through a queue of ``ENCODED_AHEAD``, then the batch's hash."""
+    """The encoder thread's part of one transaction: which copies become runs
+    (storage/runs.py) and so how many ``rec`` rows there are (``planned``), those rows in
+    ``chunk_plan`` chunks handed to the SQL thread through a queue of ``ENCODED_AHEAD``,
+    the runs, then the batch's hash. Ids: the rows first, then the runs."""
+
+    RUNS = True
+    """Copies of one prototype go in runs (False: each in a row of its own, as format 1
+    did; the tests compare the two)."""
 
     def __init__(self, st: DayState, recs: list[Record | Copies], bad_record: Callable[[Any, Exception, int], Record]) -> None:
         self.st, self.recs, self.bad_record = st, recs, bad_record
         self.first = st.next_id
-        self.plan = chunk_plan(sum(r.count if type(r) is Copies else 1 for r in recs))
+        self.planned: concurrent.futures.Future[list[tuple[int, int, int]]] = concurrent.futures.Future()
+        """``chunk_plan`` of the ``rec`` rows, once the encoder thread knows their number."""
+        self.runs: list[tuple[Any, ...]] = []
+        """Rows of ``runs``, complete once ``run`` returned."""
         self.logical: list[bytes] = []
         self.span = [2**63, -(2**63)]
-        """Least and greatest ``ts`` of the batch's rows."""
+        """Least and greatest ``ts`` of the batch's records."""
         self._ready: queue.Queue[list[Any] | BaseException] = queue.Queue(ENCODED_AHEAD)
         self._stop = threading.Event()
 
     def run(self) -> tuple[bytes, int] | None:
-        """(batch hash, rows) once every chunk is handed over; None if abandoned first."""
+        """(batch hash, records) once every chunk is handed over; None if abandoned first."""
         try:
+            try:
+                groups = self._arrange()
+            except Exception:  # a bug here must not stop the store: the copies go in as rows
+                log.exception("storage: runs of copies failed, written as rows")
+                groups = []
+            plan = chunk_plan(sum(r.count if type(r) is Copies else 1 for r in self.recs))
+            self.planned.set_result(plan)
             rows = self._rows()
-            for size, lo, hi in self.plan:
+            for size, lo, hi in plan:
                 for k in range(lo, hi, size):
                     flat: list[Any] = []
                     for _ in range(size):
                         flat.extend(next(rows))
                     if not self._put(flat):
                         return None
+            row_id = self.first + len(self.logical)
+            for g in groups:
+                row_id = self._run(g, row_id)
         except BaseException as exc:
+            if not self.planned.done():
+                self.planned.set_exception(exc)
             self._put(exc)
             raise
         return batch_hash(self.st.head, self.st.next_batch, self.first, self.logical)
+
+    def _arrange(self) -> list[list[tuple[Any, ...]]]:
+        """Take the copies that can be runs out of ``recs``: grouped by prototype (and
+        companion), each group in ts order. The rest stays in ``recs`` as rows."""
+        copies = [r for r in self.recs if type(r) is Copies]
+        if not self.RUNS or not copies:
+            return []
+        recs = [r for r in self.recs if type(r) is not Copies]
+        runnable = self.st.encoder.runnable
+        groups = []
+        for g in by_prototype(copies):  # type: ignore[arg-type]
+            if runnable(g[0][0], g[0][1]):
+                g.sort(key=_TS)
+                groups.append(g)
+            else:
+                recs.append(Copies.of(g))
+        self.recs = recs
+        return groups
+
+    def _run(self, entries: list[tuple[Any, ...]], row_id: int) -> int:
+        """One run of ``entries``, its records from ``row_id`` on; the id after them."""
+        lo, hi = entries[0][2], entries[-1][2]
+        pid, cpid, data = self.st.encoder.encode_run(entries, row_id, self.logical)
+        self.runs.append((row_id, pid, cpid, len(entries), lo, hi, data))
+        span = self.span
+        span[0], span[1] = min(span[0], lo), max(span[1], hi)
+        return row_id + len(entries) * (1 if cpid is None else 2)
 
     def chunks(self, count: int) -> Iterator[list[Any]]:
         """The next ``count`` chunks, flat (the SQL thread's side)."""
@@ -751,6 +812,10 @@ class _Encoding:
             except queue.Full:
                 pass
         return False
+
+
+async def _next_proto(conn: aiosqlite.Connection) -> int:
+    return (await conn.execute_fetchall("SELECT coalesce(max(id), 0) + 1 FROM protos"))[0][0]
 
 
 def _read_head(path: Path) -> tuple[int, int, bytes] | None:

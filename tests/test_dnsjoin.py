@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linewarden.dnsjoin import JOIN_MAX_AGE_S, JOIN_MIN_AGE_S, US, DnsJoin, JoinSink
+from linewarden.dnsjoin import JOIN_MAX_AGE_S, JOIN_MIN_AGE_S, LEARN_DELAY_S, US, DnsJoin, JoinSink
 from storage.records import Conn, Dns, Http
 from storage.schema import Copies
 
@@ -267,16 +269,53 @@ def test_the_app_holds_conns_for_a_name_only_with_the_dns_shim(tmp_path) -> None
     assert hold(True) == int(JOIN_HOLD_S * US) and hold(False) == 0
 
 
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6)), max_size=30))
-def test_copies_teach_the_table_what_their_records_would_have(order: list[tuple[int, int]]) -> None:
-    """The hit path's Copies learn once per prototype; the table ends the same as if
-    every record had been learnt in turn (names, expiries and recency order)."""
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 10**6), st.booleans()), max_size=30))
+def test_copies_teach_the_table_what_their_records_would_have(order: list[tuple[int, int, bool]]) -> None:
+    """The hit path's Copies are learnt once per prototype, later (``LEARN_DELAY_S``), or
+    first thing when a record of the Python path or a Conn arrives; the table then ends
+    the same as if every record had been learnt in turn (names, expiries and recency
+    order). Index 4 is a Python-path record between the copies."""
     protos = [dns("a.test", ["192.0.2.1"]), dns("b.test", ["192.0.2.1", "192.0.2.2"]),
               dns("c.test", ["192.0.2.2"], client="10.0.0.6"), dns("d.test", ["cname.test"])]
-    entries = [(protos[i], None, T0 + dt, f"u{k}", 1, 1, 1) for k, (i, dt) in enumerate(order)]
-    one_by_one, copied = JoinSink(FakeWriter()), JoinSink(FakeWriter())
-    for rec in Copies.of(entries).records():
-        one_by_one.submit(rec)
-    copied.writer.submit_copies = lambda c: True  # type: ignore[attr-defined]
-    assert copied.submit_copies(Copies.of(entries))
-    assert list(copied.join.table.items()) == list(one_by_one.join.table.items())
+
+    async def go() -> None:
+        one_by_one, copied = JoinSink(FakeWriter()), JoinSink(FakeWriter())
+        copied.writer.submit_copies = lambda c: True  # type: ignore[attr-defined]
+        batch: list[tuple[Any, ...]] = []
+        for k, (i, dt, cut) in enumerate(order):
+            if i == 4:  # a miss: a record of the Python path
+                rec = msgspec.structs.replace(protos[k % 3], ts=T0 + dt, uid=f"p{k}")
+                if batch:
+                    assert copied.submit_copies(Copies.of(batch))
+                    batch = []
+                copied.submit(rec)
+                one_by_one.submit(rec)
+                continue
+            e = (protos[i], None, T0 + dt, f"u{k}", 1, 1, 1)
+            batch.append(e)
+            for rec in Copies.of([e]).records():
+                one_by_one.submit(rec)
+            if cut:
+                assert copied.submit_copies(Copies.of(batch))
+                batch = []
+        if batch:
+            assert copied.submit_copies(Copies.of(batch))
+        await asyncio.sleep(LEARN_DELAY_S * 1.5)
+        assert list(copied.join.table.items()) == list(one_by_one.join.table.items())
+
+    asyncio.run(go())
+
+
+def test_a_conn_right_after_copies_gets_their_name() -> None:
+    """Copies wait up to ``LEARN_DELAY_S`` to be learnt, but a Conn never sees the table
+    without them: it is named at once."""
+    async def go() -> None:
+        sink = JoinSink(FakeWriter())
+        sink.writer.submit_copies = lambda c: True  # type: ignore[attr-defined]
+        assert sink.submit_copies(Copies.of([(dns("hit.test", ["192.0.2.9"]), None, T0, "u", 1, 1, 1)]))
+        assert sink.join.table == {}  # not yet
+        assert sink.submit(conn("192.0.2.9"))
+        assert [r.dns_name for r in sink.writer.records if isinstance(r, Conn)] == ["hit.test"]
+
+    asyncio.run(go())
