@@ -5,8 +5,10 @@
  *     family byte (4 or 6) + the client's packed address + the datagram minus its id
  * and `table` (a dict filled by proxy/dns_hits.py) maps a key to
  *     (body: bytes, template: int, valid_until: float, monotonic clock)
+ * or, for an answer whose TTLs age (a cache entry's),
+ *     (body, template, valid_until, stored: float, ttls: bytes; see aged())
  * A datagram whose key is there and still valid is answered with its own id +
- * `body` (one sendmmsg(2) for the batch) and leaves a fixed-size hit record in
+ * `body`, TTLs aged (one sendmmsg(2) for the batch) and leaves a fixed-size hit record in
  * the bytearray `records` (HIT_RECORD in dns_hits.py: ts µs, uid sequence,
  * template, client port, DNS id, latency µs, little-endian). Every other
  * datagram goes back to Python untouched, as (data, address) like recvfrom's.
@@ -16,7 +18,7 @@
  * record); here a hit is a dict lookup and a share of two system calls.
  * The table never decides anything: Python puts an answer there only after
  * answering that same question from that same client the full way, and only
- * until the answer would change (the next whole second of cache age, the
+ * until the answer would change otherwise than by its TTLs ageing (the cache
  * entry's expiry); a rule reload clears it.
  *
  * Returns (misses, seq_after, hits, unsent, more): `unsent` counts answers the
@@ -47,6 +49,7 @@ static struct mmsghdr smsg[MAX_BATCH];
 static struct iovec siov[MAX_BATCH][2];
 static PyObject *held[MAX_BATCH];
 static unsigned char keybuf[KEY_MAX];
+static char sbuf[MAX_BATCH][MAX_PKT]; /* aged answers (aged()) */
 
 static double mono_now(void) {
     struct timespec ts;
@@ -58,6 +61,13 @@ static long long wall_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
+static unsigned long long get_le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
 }
 
 static void put_le(unsigned char *p, unsigned long long v, int n) {
@@ -105,9 +115,35 @@ static PyObject *addr_tuple(const struct sockaddr_storage *sa) {
     Py_RETURN_NONE;
 }
 
-/* The table's answer for datagram i, or NULL (a new reference to the body on success). */
-static PyObject *lookup(PyObject *table, int i, unsigned int len, double now, unsigned long *tid,
-                        int *port) {
+/* `body` into sbuf[h] with its TTLs aged as proxy/dns_fastpath.py CachedWire.aged_body
+ * does: `ttls` holds (offset in body, TTL when stored) as little-endian u32 pairs, and
+ * each TTL drops by the whole seconds since `stored`, down to 0. 0, or -1 where the
+ * answer cannot be aged here (Python's turn). */
+static int aged(int h, PyObject *body, double stored, PyObject *ttls, double now) {
+    Py_ssize_t n = PyBytes_GET_SIZE(body), m = PyBytes_GET_SIZE(ttls);
+    if (n > MAX_PKT || m % 8 != 0)
+        return -1;
+    memcpy(sbuf[h], PyBytes_AS_STRING(body), (size_t)n);
+    long long age = now > stored ? (long long)(now - stored) : 0;
+    const unsigned char *t = (const unsigned char *)PyBytes_AS_STRING(ttls);
+    for (Py_ssize_t k = 0; k < m; k += 8) {
+        unsigned long long off = get_le(t + k, 4), ttl = get_le(t + k + 4, 4);
+        if (off + 4 > (unsigned long long)n)
+            return -1;
+        unsigned long long v = (long long)ttl > age ? ttl - (unsigned long long)age : 0;
+        unsigned char *p = (unsigned char *)sbuf[h] + off;
+        p[0] = (unsigned char)(v >> 24);
+        p[1] = (unsigned char)(v >> 16);
+        p[2] = (unsigned char)(v >> 8);
+        p[3] = (unsigned char)v;
+    }
+    return 0;
+}
+
+/* The table's answer for datagram i as hit h, or NULL (a new reference to the body on
+ * success; *out points at the bytes to send: the body's, or sbuf[h] aged). */
+static PyObject *lookup(PyObject *table, int i, int h, unsigned int len, double now, unsigned long *tid,
+                        int *port, const char **out) {
     if (len < 12)
         return NULL;
     Py_ssize_t k = addr_key(&raddr[i], keybuf, port);
@@ -125,7 +161,7 @@ static PyObject *lookup(PyObject *table, int i, unsigned int len, double now, un
         PyErr_Clear();
         return NULL;
     }
-    if (!PyTuple_CheckExact(val) || PyTuple_GET_SIZE(val) != 3)
+    if (!PyTuple_CheckExact(val) || (PyTuple_GET_SIZE(val) != 3 && PyTuple_GET_SIZE(val) != 5))
         return NULL;
     PyObject *body = PyTuple_GET_ITEM(val, 0);
     PyObject *t = PyTuple_GET_ITEM(val, 1);
@@ -134,6 +170,14 @@ static PyObject *lookup(PyObject *table, int i, unsigned int len, double now, un
         return NULL;
     if (PyFloat_AS_DOUBLE(until) <= now)
         return NULL;
+    *out = PyBytes_AS_STRING(body);
+    if (PyTuple_GET_SIZE(val) == 5) {
+        PyObject *stored = PyTuple_GET_ITEM(val, 3), *ttls = PyTuple_GET_ITEM(val, 4);
+        if (!PyFloat_CheckExact(stored) || !PyBytes_CheckExact(ttls) ||
+            aged(h, body, PyFloat_AS_DOUBLE(stored), ttls, now) < 0)
+            return NULL;
+        *out = sbuf[h];
+    }
     *tid = PyLong_AsUnsignedLong(t);
     if (*tid == (unsigned long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
@@ -181,7 +225,8 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         unsigned int len = rmsg[i].msg_len;
         int port = 0;
         unsigned long tid = 0;
-        PyObject *body = lookup(table, i, len, now, &tid, &port);
+        const char *answer = NULL;
+        PyObject *body = lookup(table, i, hits, len, now, &tid, &port, &answer);
         if (body != NULL) {
             held[hits] = body;
             tids[hits] = tid;
@@ -189,7 +234,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             slot[hits] = i;
             siov[hits][0].iov_base = rbuf[i];
             siov[hits][0].iov_len = 2;
-            siov[hits][1].iov_base = PyBytes_AS_STRING(body);
+            siov[hits][1].iov_base = (void *)answer;
             siov[hits][1].iov_len = (size_t)PyBytes_GET_SIZE(body);
             memset(&smsg[hits].msg_hdr, 0, sizeof smsg[hits].msg_hdr);
             smsg[hits].msg_hdr.msg_iov = siov[hits];
@@ -250,13 +295,6 @@ fail:
         Py_DECREF(held[h]);
     Py_DECREF(misses);
     return NULL;
-}
-
-static unsigned long long get_le(const unsigned char *p, int n) {
-    unsigned long long v = 0;
-    for (int i = n - 1; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
 }
 
 /* expand(records, templates) -> (entries, count, lo, hi): the hit records of a

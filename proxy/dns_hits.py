@@ -6,9 +6,9 @@ the record templates behind it, the fixed-size hit records it leaves
 Must not: decide anything. An answer enters the table only after the shim
 answered that very question (same bytes but the id) from that very client the
 full way, through the Engine, the cache and the record prototype memo of
-``proxy/dns_shim.py``; it stays only while that answer cannot change (the
-next whole second of cache age, the entry's expiry, ``BLOCK_VALID_S`` for a
-block) and a rule reload empties the table.
+``proxy/dns_shim.py``; it stays only while that answer cannot change but for
+its TTLs, which the C loop ages as the cache does (until the cache entry
+expires; ``BLOCK_VALID_S`` for a block), and a rule reload empties the table.
 
 Why: issue 5 asks for cache hits at dnsmasq's and unbound's rate with every
 query recorded. On a hit the Python path costs ~20 µs of CPU in the worker and
@@ -62,6 +62,10 @@ shim's own counters and memo warm)."""
 
 Template = tuple[str, Dns, Alarm | None]
 """(uid prefix, dns record prototype, alarm prototype or None)."""
+Aging = tuple[float, tuple[int, ...], tuple[int, ...]]
+"""(when the answer was stored, monotonic clock; its TTLs' offsets; the TTLs then)."""
+TTL_AT = struct.Struct("<II")
+"""(offset in the answer after its id, TTL when stored): the C loop's ageing table."""
 
 
 class HitSink(Protocol):
@@ -132,15 +136,22 @@ class FastHits:
         return tid
 
     def learn(self, ip: str, data: bytes, resp: bytes, proto: Dns, alarm: Alarm | None,
-              until: float) -> None:
+              until: float, aging: Aging | None = None) -> None:
         """Serve ``resp`` (for any id) to ``ip`` asking ``data`` (any id) until ``until``,
-        recorded as copies of ``proto`` (and ``alarm``)."""
+        recorded as copies of ``proto`` (and ``alarm``); with ``aging``, its TTLs drop
+        as the cached answer's do (the C loop ages them as ``CachedWire.aged_body``)."""
         ck = client_key(ip)
         if ck is None or len(data) < 12 or resp[:2] != data[:2]:
             return
         if len(self.table) >= TABLE_MAX:
             self.table.clear()
-        self.table[ck + data[2:]] = (resp[2:], self.template_of(proto, alarm), until)
+        value: tuple[Any, ...] = (resp[2:], self.template_of(proto, alarm), until)
+        if aging is not None:
+            stored, offsets, ttls = aging
+            if any(not 2 <= o <= len(resp) - 4 for o in offsets):
+                return
+            value += (stored, b"".join(TTL_AT.pack(o - 2, t) for o, t in zip(offsets, ttls)))
+        self.table[ck + data[2:]] = value
 
     def reset(self) -> None:
         """Template numbers wrap: forget every answer and number, hand over the hit records

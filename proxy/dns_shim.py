@@ -679,11 +679,12 @@ class DnsShim:
                     self._block(data, q, client, transport, send, t_ns, verdict, hit)
                     return
         wire = entry.wire
-        # The rendered answer holds until the next whole second of age (TTLs drop) or expiry.
-        until = min(entry.expires, wire.stored + int(now - wire.stored) + 1)
+        # The rendered answer holds until the entry expires, its TTLs ageing (aged_body):
+        # the hit path ages them likewise. Offsets into the render are the body's.
         self._finish(data, q, client, transport, send, t_ns, verdict,
                      wire.render(data, q, now), entry.rcode, entry.answers, hit, upstream,
-                     entry=entry if hit and upstream is None else None, until=until)
+                     entry=entry if hit and upstream is None else None, until=entry.expires,
+                     aging=(wire.stored, wire.ttl_offsets, wire.ttls))
 
     def _block(self, data: bytes, q: fp.Query, client: Any, transport: str,
                send: Callable[[bytes], None], t_ns: int, verdict: Verdict, hit: bool) -> None:
@@ -708,10 +709,10 @@ class DnsShim:
                 rcode: int, answers: list[str], hit: bool,
                 upstream: tuple[UpstreamSocket | None, Upstream] | None,
                 alarm_category: str | None = None, entry: CacheEntry | None = None,
-                until: float | None = None) -> None:
+                until: float | None = None, aging: dns_hits.Aging | None = None) -> None:
         """Record, then answer (rule 5). ``entry``: the cache entry of a hit (prototype
         memo); ``until``: the monotonic time up to which ``resp`` is this question's answer
-        (the hit path may serve it again until then)."""
+        (the hit path may serve it again until then, with its TTLs aged per ``aging``)."""
         if transport == "udp" and len(resp) > q.udp_size:
             # RFC 1035 4.2.1 / RFC 6891 7: too big for this client over UDP: TC, it retries on TCP.
             resp = fp.build_truncated(data, q)
@@ -731,7 +732,7 @@ class DnsShim:
         if key is not None:
             memo = self._protos.get(key)
             if memo is not None and memo[0] is entry and memo[1] is verdict and memo[2] is ident:
-                self._from_memo(memo, data, q, ip, port, send, t_ns, now_ns, resp, until, transport)
+                self._from_memo(memo, data, q, ip, port, send, t_ns, now_ns, resp, until, transport, aging)
                 return
         account = ident.account if ident else None
         mac = ident.mac if ident else None
@@ -774,12 +775,13 @@ class DnsShim:
             self.stats["unrecorded"] += 1
             resp = fp.build_rcode(data, q, fp.SERVFAIL)
         elif key is not None and until is not None and self.fast is not None and transport == "udp":
-            self.fast.learn(ip, data, resp, rec, alarm, until)
+            self.fast.learn(ip, data, resp, rec, alarm, until, aging)
         send(resp)
 
     def _from_memo(self, memo: tuple[CacheEntry | None, Verdict, Any, Dns, Alarm | None],
                    data: bytes, q: fp.Query, ip: str, port: int, send: Callable[[bytes], None],
-                   t_ns: int, now_ns: int, resp: bytes, until: float | None, transport: str) -> None:
+                   t_ns: int, now_ns: int, resp: bytes, until: float | None, transport: str,
+                   aging: dns_hits.Aging | None) -> None:
         """A repeated question: its record is the prototype's copy with the per-query fields."""
         uid = f"{self._uid_prefix}{next(self._uid):x}"
         ts = t_ns // 1000
@@ -792,7 +794,7 @@ class DnsShim:
             send(fp.build_rcode(data, q, fp.SERVFAIL))
             return
         if until is not None and self.fast is not None and transport == "udp":
-            self.fast.learn(ip, data, resp, memo[3], memo[4], until)
+            self.fast.learn(ip, data, resp, memo[3], memo[4], until, aging)
         send(resp)
 
     def _malformed(self, data: bytes, client: Any, transport: str,

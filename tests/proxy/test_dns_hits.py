@@ -128,14 +128,16 @@ async def test_blocked_question_is_answered_in_c_with_its_alarm(rig: ChannelRig,
     assert alarms[-1].detail.startswith("dns query www.casino.lw.test A blocked")
 
 
-async def test_answer_changes_after_a_second_of_cache_age(rig: ChannelRig) -> None:
+async def test_answer_ages_after_a_second_of_cache_age(rig: ChannelRig) -> None:
     await rig.ask(make_query("www.lw.test", qid=1))
     a = await rig.ask(make_query("www.lw.test", qid=2))
     await asyncio.sleep(1.1)
+    hits = rig.shim.stats["fast_hits"]
     b = await rig.ask(make_query("www.lw.test", qid=3))
     ttl_a = DNSRecord.parse(a).rr[0].ttl
     ttl_b = DNSRecord.parse(b).rr[0].ttl
     assert ttl_b == ttl_a - 1  # not the memorised answer of the previous second
+    assert rig.shim.stats["fast_hits"] == hits + 1  # aged in C, not asked of Python again
 
 
 async def test_reload_empties_the_table(rig: ChannelRig, tmp_path: Path) -> None:
@@ -349,3 +351,55 @@ def test_compiled_expand_equals_python(hits: list[tuple[int, ...]], prefix: str)
     if hits:
         with pytest.raises(KeyError):
             dns_hits._dnshits.expand(records, {})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=4), st.floats(0, 5000), st.booleans())
+def test_the_c_loop_ages_ttls_as_the_cache_renders_them(ttls: list[int], age: float, edns: bool) -> None:
+    """An answer served from the table long after it was learnt carries the TTLs that
+    ``CachedWire.render`` gives at that age, byte for byte (EDNS clients included)."""
+    import time
+
+    from dnslib import QTYPE, RR, A
+
+    from proxy import dns_fastpath as fp
+
+    query = make_query("x.lw.test", qid=7, edns=1232 if edns else None)
+    reply = DNSRecord.parse(query).reply()
+    for i, ttl in enumerate(ttls):
+        reply.add_answer(RR("x.lw.test", QTYPE.A, rdata=A(f"192.0.2.{i + 1}"), ttl=ttl))
+    now = time.monotonic()
+    wire = fp.CachedWire(fp.walk_response(bytes(reply.pack())), now - age)
+    q = fp.parse_query(query)
+    learnt = wire.render(query, q, now - age)  # as answered when stored
+    fast = dns_hits.FastHits(_NullSink(), "P")  # type: ignore[arg-type]
+    fast.learn("127.0.0.1", query, learnt, Dns(ts=0), None, now + 60,
+               (wire.stored, wire.ttl_offsets, wire.ttls))
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli.bind(("127.0.0.1", 0))
+    try:
+        cli.sendto(query, srv.getsockname())
+        time.sleep(0.01)
+        misses, _seq, hits, _unsent, _more = dns_hits._dnshits.serve(srv.fileno(), fast.table, bytearray(), 1, 64)
+        served_at = time.monotonic()
+        assert (misses, hits) == ([], 1)
+        got = cli.recv(4096)
+        want = {wire.render(query, q, t) for t in (now, served_at)}  # a second may turn between
+        assert got in want
+    finally:
+        srv.close()
+        cli.close()
+
+
+class _NullSink:
+    def template(self, tid: int, tmpl: Any) -> None:
+        pass
+
+    def hits(self, records: bytes) -> None:
+        pass
+
+    def accepting(self) -> bool:
+        return True
