@@ -56,6 +56,7 @@ from proxy import dns_hits
 from proxy.http_service import HttpServiceConfig
 from proxy.identity import Binding, Identity
 from storage.records import AnyRecord, Record
+from storage.schema import COMPANION_FIELDS, COPY_FIELDS
 
 log = logging.getLogger("linewarden.workers")
 
@@ -128,6 +129,26 @@ def attach_random_reuseport(sock: socket.socket, n: int) -> bool:
 _record_decoder = msgspec.msgpack.Decoder(list[AnyRecord])  # type: ignore[valid-type]
 _template_decoder = msgspec.msgpack.Decoder(tuple[int, dns_hits.Template])
 _encoder = msgspec.msgpack.Encoder()
+_shared: dict[bytes, tuple[Any, Any]] = {}
+SHARED_PROTOTYPES_MAX = 2 * dns_hits.TEMPLATE_MAX
+"""Distinct hit-path prototypes the main process shares among its workers (then cleared)."""
+
+
+def shared_prototypes(proto: Any, alarm: Any) -> tuple[Any, Any]:
+    """One object for equal prototypes, whichever worker sent them: each DNS worker has
+    its own templates for the same names, and the writer keeps the copies of one
+    prototype object as one run (storage/runs.py) and the DNS join learns once per
+    object, so sharing halves both with two workers."""
+    rep = msgspec.structs.replace
+    # Keyed without what each copy replaces.
+    key = _encoder.encode((rep(proto, **dict.fromkeys(COPY_FIELDS)),
+                           alarm and rep(alarm, **dict.fromkeys(COMPANION_FIELDS))))
+    got = _shared.get(key)
+    if got is None:
+        if len(_shared) >= SHARED_PROTOTYPES_MAX:
+            _shared.clear()
+        got = _shared[key] = (proto, alarm)
+    return got
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -312,8 +333,8 @@ class ChannelReader(asyncio.Protocol):
                         self.worker.refused += 1
             self.worker.records += copies.count
         elif kind == b"T":
-            tid, tmpl = _template_decoder.decode(payload)
-            self.templates[tid] = tmpl
+            tid, (prefix, proto, alarm) = _template_decoder.decode(payload)
+            self.templates[tid] = (prefix, *shared_prototypes(proto, alarm))
         elif kind == b"H":
             hello = json.loads(payload)
             self.worker.udp_address = tuple(hello["udp"])

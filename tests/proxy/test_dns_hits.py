@@ -403,3 +403,19 @@ class _NullSink:
 
     def accepting(self) -> bool:
         return True
+
+
+def test_workers_templates_for_one_answer_share_one_prototype() -> None:
+    """Two workers' prototypes that differ only in what each copy replaces become one
+    object in the main process (one run, one learn); any other difference keeps two."""
+    from linewarden.workers import shared_prototypes
+
+    a = Dns(ts=1, uid="Pa.1", client_ip="10.0.0.7", client_port=5, qname="x.test", dns_id=1, latency_us=9)
+    b = msgspec.structs.replace(a, ts=2, uid="Pb.7", client_port=6, dns_id=2, latency_us=3)
+    alarm_a = Alarm(ts=1, uid="Pa.1", client_port=5, alarm_kind="illegal_content")
+    alarm_b = msgspec.structs.replace(alarm_a, ts=2, uid="Pb.7", client_port=6)
+    assert shared_prototypes(a, None)[0] is shared_prototypes(b, None)[0]
+    first = shared_prototypes(a, alarm_a)
+    assert shared_prototypes(b, alarm_b) is first and first != shared_prototypes(a, None)
+    other = msgspec.structs.replace(b, qname="y.test")
+    assert shared_prototypes(other, None)[0] is other
