@@ -50,9 +50,15 @@ def genesis(day: str) -> bytes:
 def batch_hash(prev: bytes, n: int, first_id: int, logical_rows: Iterable[bytes]) -> tuple[bytes, int]:
     """(hash of the batch, number of rows) per rule 1."""
     rows = list(logical_rows) if not isinstance(logical_rows, list) else logical_rows
-    h = hashlib.sha256(BATCH_PREFIX + prev + struct.pack(">QQI", n, first_id, len(rows)))
-    h.update(frame(rows))  # one update: the same bytes as one per row, faster
-    return h.digest(), len(rows)
+    return batch_hash_framed(prev, n, first_id, [frame(rows)], len(rows)), len(rows)
+
+
+def batch_hash_framed(prev: bytes, n: int, first_id: int, framed: list[bytes], count: int) -> bytes:
+    """The hash of a batch of ``count`` rows given framed (``frame``), in pieces."""
+    h = hashlib.sha256(BATCH_PREFIX + prev + struct.pack(">QQI", n, first_id, count))
+    for piece in framed:
+        h.update(piece)
+    return h.digest()
 
 
 def frame(rows: list[bytes]) -> bytes:

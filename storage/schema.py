@@ -36,6 +36,7 @@ import msgspec
 
 from struct import error as struct_error
 
+from storage.chain import frame
 from storage.communityid import community_id
 from storage.records import RECORD_TYPES, Action, Record
 
@@ -499,24 +500,26 @@ class RowEncoder:
         varying fields alone, which is where a plan exists."""
         return self._plan_for(proto, companion)[1] is not None
 
-    def encode_run(self, entries: list[tuple[Any, ...]], row_id: int, out: list[bytes]) -> tuple[int, int | None, bytes]:
+    def encode_run(self, entries: list[tuple[Any, ...]], row_id: int) -> tuple[int, int | None, bytes, bytes]:
         """A run of ``entries`` (copies of one runnable prototype and companion, in ts
         order; storage/runs.py): the ids of the ``protos`` rows holding the prototype
-        and its companion (new ones are kept for ``take_protos``) and the run's ``data``.
-        The copies' logical bytes, from ``row_id`` on, are appended to ``out`` (exactly
-        those of their rows). In C (``storage._copies.run``) where it is built."""
+        and its companion (new ones are kept for ``take_protos``), the run's ``data``,
+        and its copies' logical bytes as the chain hashes them (``chain.frame``: exactly
+        those of their rows, from ``row_id`` on). In C (``storage._copies.run``) where
+        it is built."""
         proto, companion = entries[0][0], entries[0][1]
-        data = None
+        got = None
         if _copies is not None:
             plan = self._cplans.get(id(proto))
             if plan is None or plan[0] is not proto or plan[1] is not companion:
                 self._c_plan(proto, companion)
-            data = _copies.run(entries, self._cplans, out)
-        if data is None:
-            for _ in self.encode_copies(Copies(entries, 0, 0, 0), row_id, out):
+            got = _copies.run(entries, self._cplans)
+        if got is None:
+            logical: list[bytes] = []
+            for _ in self.encode_copies(Copies(entries, 0, 0, 0), row_id, logical):
                 pass
-            data = _enc.encode([e[2:] for e in entries])
-        return (*self._proto_ids(proto, companion), data)
+            got = (_enc.encode([e[2:] for e in entries]), frame(logical))
+        return (*self._proto_ids(proto, companion), *got)
 
     def _proto_ids(self, proto: Record, companion: Record | None) -> tuple[int, int | None]:
         got = self._protos.get(id(proto))
@@ -716,6 +719,20 @@ class Copies:
         for e in self.entries:
             groups.setdefault(day_of_ts(e[2]), []).append(e)
         return {d: Copies.of(es) for d, es in groups.items()}
+
+
+def latest_copies(entries: list[tuple[Any, ...]], into: dict[int, tuple[Any, ...]]) -> None:
+    """Each of ``entries`` moved to the end of ``into`` under id(its prototype): ``into``
+    then holds each prototype's latest copy, in the order of those latest copies (in C
+    where ``storage._copies`` is built)."""
+    if _copies is not None:
+        _copies.latest(entries, into)
+        return
+    for e in entries:
+        k = id(e[0])
+        if k in into:
+            del into[k]
+        into[k] = e
 
 
 def by_prototype(copies: list[Copies]) -> list[list[tuple[Any, ...]]]:

@@ -50,7 +50,7 @@ import aiosqlite
 import msgspec
 
 from linewarden import keys
-from storage.chain import DigestLog, batch_hash, genesis, read_digests
+from storage.chain import DigestLog, batch_hash_framed, frame, genesis, read_digests
 from storage.config import StoreConfig
 from storage.partitions import (
     DayRouter,
@@ -707,6 +707,10 @@ class _Encoding:
         """``chunk_plan`` of the ``rec`` rows, once the encoder thread knows their number."""
         self.runs: list[tuple[Any, ...]] = []
         """Rows of ``runs``, complete once ``run`` returned."""
+        self.framed: list[bytes] = []
+        """The runs' records as the chain hashes them (``chain.frame``), in id order."""
+        self.in_runs = 0
+        """Records in the runs."""
         self.logical: list[bytes] = []
         self.span = [2**63, -(2**63)]
         """Least and greatest ``ts`` of the batch's records."""
@@ -734,12 +738,15 @@ class _Encoding:
             row_id = self.first + len(self.logical)
             for g in groups:
                 row_id = self._run(g, row_id)
+            self.in_runs = row_id - self.first - len(self.logical)
         except BaseException as exc:
             if not self.planned.done():
                 self.planned.set_exception(exc)
             self._put(exc)
             raise
-        return batch_hash(self.st.head, self.st.next_batch, self.first, self.logical)
+        framed = [frame(self.logical), *self.framed]
+        count = len(self.logical) + self.in_runs
+        return batch_hash_framed(self.st.head, self.st.next_batch, self.first, framed, count), count
 
     def _arrange(self) -> list[list[tuple[Any, ...]]]:
         """Take the copies that can be runs out of ``recs``: grouped by prototype (and
@@ -762,8 +769,9 @@ class _Encoding:
     def _run(self, entries: list[tuple[Any, ...]], row_id: int) -> int:
         """One run of ``entries``, its records from ``row_id`` on; the id after them."""
         lo, hi = entries[0][2], entries[-1][2]
-        pid, cpid, data = self.st.encoder.encode_run(entries, row_id, self.logical)
+        pid, cpid, data, framed = self.st.encoder.encode_run(entries, row_id)
         self.runs.append((row_id, pid, cpid, len(entries), lo, hi, data))
+        self.framed.append(framed)
         span = self.span
         span[0], span[1] = min(span[0], lo), max(span[1], hi)
         return row_id + len(entries) * (1 if cpid is None else 2)

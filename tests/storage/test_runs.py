@@ -183,16 +183,15 @@ def test_a_run_holds_exactly_its_copies(compiled: bool, monkeypatch: pytest.Monk
     monkeypatch.setattr(schema, "_copies", schema._copies if compiled else None)
     entries = [(*pair, *v) for v in vals]
     enc, rows_enc = encoder(), encoder()
-    logical: list[bytes] = []
-    pid, cpid, data = enc.encode_run(entries, 10, logical)
+    pid, cpid, data, framed = enc.encode_run(entries, 10)
     want: list[bytes] = []
     list(rows_enc.encode_copies(Copies.of(entries), 10, want))
-    assert logical == want
+    assert framed == b"".join(len(lg).to_bytes(4, "big") + lg for lg in want)
     assert data == msgspec.msgpack.encode([e[2:] for e in entries])
     assert runs_mod.unpack(data) == [list(e[2:]) for e in entries]
     assert (pid, cpid) == (1, None if pair[1] is None else 2)
     assert len(enc.take_protos()) == (1 if pair[1] is None else 2)
-    assert enc.encode_run(entries, 10, [])[:2] == (pid, cpid) and enc.take_protos() == []
+    assert enc.encode_run(entries, 10)[:2] == (pid, cpid) and enc.take_protos() == []
 
 
 @settings(max_examples=200, deadline=None)
@@ -238,3 +237,21 @@ def test_copies_go_in_as_rows_when_runs_fail(tmp_path: Path, monkeypatch: pytest
     write(store, many(30), True)
     assert sql(store, "SELECT count(*) FROM runs")[0][0][0] == 0
     assert len(list(query(store, kind=("dns", "alarm")))) == 40 and problems(store) == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, len(PAIRS) - 1), max_size=10), max_size=4))
+def test_compiled_latest_copies_equals_python(batches: list[list[int]]) -> None:
+    """``latest_copies`` in C and in Python leave the same dict, in the same order."""
+    fast: dict[int, Any] = {}
+    slow: dict[int, Any] = {}
+    saved = schema._copies
+    for n, b in enumerate(batches):
+        entries = [(*PAIRS[p], T0 + k, f"u{n}.{k}", 1, 2, 3) for k, p in enumerate(b)]
+        schema.latest_copies(entries, fast)
+        schema._copies = None
+        try:
+            schema.latest_copies(entries, slow)
+        finally:
+            schema._copies = saved
+    assert list(fast.items()) == list(slow.items())
