@@ -193,9 +193,31 @@ static int emit(PyObject *out, PyObject *logical, PyObject *t, PyObject *lg) {
     return r;
 }
 
-static int valid_plan(PyObject *plan, PyObject *proto, PyObject *companion) {
-    return PyTuple_CheckExact(plan) && PyTuple_GET_SIZE(plan) == 6 &&
-           PyTuple_GET_ITEM(plan, 0) == proto && PyTuple_GET_ITEM(plan, 1) == companion;
+/* *plan = the C plan for `proto` with `companion` from `plans`: 1, or 0 where there is
+ * none to use (Python's turn: it makes the plan, or encodes the copies itself), -1 on
+ * an error. */
+static int plan_of(PyObject *plans, PyObject *proto, PyObject *companion, PyObject **plan) {
+    PyObject *key = PyLong_FromVoidPtr(proto);
+    if (key == NULL)
+        return -1;
+    PyObject *p = PyDict_GetItemWithError(plans, key);
+    Py_DECREF(key);
+    if (p == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(p) || PyTuple_GET_SIZE(p) != 6 || PyTuple_GET_ITEM(p, 0) != proto ||
+        PyTuple_GET_ITEM(p, 1) != companion || PyTuple_GET_ITEM(p, 2) == Py_None)
+        return 0;
+    *plan = p;
+    return 1;
+}
+
+/* Whether an entry's five values are what put_int/put_str write as msgspec does: values
+ * of another type (a bool, a subclass) are left to Python, which also raises on what the
+ * store cannot keep. */
+static int plain_values(PyObject *e) {
+    return PyLong_CheckExact(PyTuple_GET_ITEM(e, 2)) && PyUnicode_CheckExact(PyTuple_GET_ITEM(e, 3)) &&
+           PyLong_CheckExact(PyTuple_GET_ITEM(e, 4)) && PyLong_CheckExact(PyTuple_GET_ITEM(e, 5)) &&
+           PyLong_CheckExact(PyTuple_GET_ITEM(e, 6));
 }
 
 static PyObject *rows(PyObject *self, PyObject *args) {
@@ -215,26 +237,17 @@ static PyObject *rows(PyObject *self, PyObject *args) {
         PyObject *e = PyList_GET_ITEM(entries, i);
         if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 7)
             break;
-        PyObject *proto = PyTuple_GET_ITEM(e, 0), *companion = PyTuple_GET_ITEM(e, 1);
-        PyObject *key = PyLong_FromVoidPtr(proto);
-        if (key == NULL)
+        PyObject *plan = NULL;
+        int got_plan = plan_of(plans, PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1), &plan);
+        if (got_plan < 0)
             goto fail;
-        PyObject *plan = PyDict_GetItemWithError(plans, key);
-        Py_DECREF(key);
-        if (plan == NULL && PyErr_Occurred())
-            goto fail;
-        if (plan == NULL || !valid_plan(plan, proto, companion) || PyTuple_GET_ITEM(plan, 2) == Py_None)
-            break; /* Python's turn: it makes the plan, or encodes this one itself */
+        if (got_plan == 0 || !plain_values(e))
+            break; /* Python's turn */
         PyObject *ts = PyTuple_GET_ITEM(e, 2), *uid = PyTuple_GET_ITEM(e, 3);
         PyObject *port = PyTuple_GET_ITEM(e, 4), *dns_id = PyTuple_GET_ITEM(e, 5);
         PyObject *lat = PyTuple_GET_ITEM(e, 6);
         PyObject *r = PyTuple_GET_ITEM(plan, 2), *segs = PyTuple_GET_ITEM(plan, 3);
         PyObject *xsegs = PyTuple_GET_ITEM(plan, 4), *comp = PyTuple_GET_ITEM(plan, 5);
-        /* Values msgpack would write otherwise than put_int/put_str (a bool, a subclass)
-         * are left to Python, which also raises on what the store cannot keep. */
-        if (!PyLong_CheckExact(ts) || !PyUnicode_CheckExact(uid) || !PyLong_CheckExact(port) ||
-            !PyLong_CheckExact(dns_id) || !PyLong_CheckExact(lat))
-            break;
         PyObject *vals[5] = {ts, uid, port, dns_id, lat};
         b.n = 0;
         int got = put_spliced(&b, segs, vals, 5, 1);
@@ -306,19 +319,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
     PyObject *e0 = PyList_GET_ITEM(entries, 0);
     if (!PyTuple_CheckExact(e0) || PyTuple_GET_SIZE(e0) != 7)
         Py_RETURN_NONE;
-    PyObject *proto = PyTuple_GET_ITEM(e0, 0), *companion = PyTuple_GET_ITEM(e0, 1);
-    PyObject *key = PyLong_FromVoidPtr(proto);
-    if (key == NULL)
-        return NULL;
-    PyObject *plan = PyDict_GetItemWithError(plans, key);
-    Py_DECREF(key);
-    if (plan == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
-    if (!valid_plan(plan, proto, companion) || PyTuple_GET_ITEM(plan, 2) == Py_None)
-        Py_RETURN_NONE;
+    PyObject *proto = PyTuple_GET_ITEM(e0, 0), *companion = PyTuple_GET_ITEM(e0, 1), *plan = NULL;
+    int got_plan = plan_of(plans, proto, companion, &plan);
+    if (got_plan <= 0)
+        return got_plan < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *segs = PyTuple_GET_ITEM(plan, 3), *comp = PyTuple_GET_ITEM(plan, 5);
     Buf f = {NULL, 0, 0}, d = {NULL, 0, 0};
     if (put_array_head(&d, n) < 0)
@@ -326,13 +330,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *e = PyList_GET_ITEM(entries, i);
         if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 7 || PyTuple_GET_ITEM(e, 0) != proto ||
-            PyTuple_GET_ITEM(e, 1) != companion)
+            PyTuple_GET_ITEM(e, 1) != companion || !plain_values(e))
             goto python;
         PyObject *vals[5] = {PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3), PyTuple_GET_ITEM(e, 4),
                              PyTuple_GET_ITEM(e, 5), PyTuple_GET_ITEM(e, 6)};
-        if (!PyLong_CheckExact(vals[0]) || !PyUnicode_CheckExact(vals[1]) || !PyLong_CheckExact(vals[2]) ||
-            !PyLong_CheckExact(vals[3]) || !PyLong_CheckExact(vals[4]))
-            goto python;
         /* Each logical row after a 4-byte length, filled in once the row is written. */
         for (int part = 0; part < (comp != Py_None ? 2 : 1); part++) {
             Py_ssize_t at = f.n;

@@ -7,9 +7,10 @@ path is on. Every test compares with what the Python path answers and records.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,14 +210,24 @@ def test_hit_records_round_trip(rows: list[tuple[int, int, int, int, int, int]])
         (ts, f"P{t}.{seq:x}", port, did, lat) for ts, seq, t, port, did, lat in rows]
 
 
-def test_serve_leaves_everything_unknown_to_python() -> None:
-    """The C loop directly: a datagram not in the table comes back whole, with its address."""
+@contextlib.contextmanager
+def udp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the shim's non-blocking socket, a client's), on loopback."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("127.0.0.1", 0))
     srv.setblocking(False)
     cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     cli.bind(("127.0.0.1", 0))
     try:
+        yield srv, cli
+    finally:
+        srv.close()
+        cli.close()
+
+
+def test_serve_leaves_everything_unknown_to_python() -> None:
+    """The C loop directly: a datagram not in the table comes back whole, with its address."""
+    with udp_pair() as (srv, cli):
         q = make_query("x.lw.test", qid=5)
         cli.sendto(q, srv.getsockname())
         cli.sendto(b"\x00", srv.getsockname())
@@ -241,9 +252,6 @@ def test_serve_leaves_everything_unknown_to_python() -> None:
         assert cli.recv(100) == q[:2] + b"BODY"
         ts, s, tid, port, did, lat = struct.unpack("<qQIHHI", bytes(recs))
         assert (s, tid, port, did) == (10, 3, cli.getsockname()[1], 5) and abs(ts / 1e6 - time.time()) < 5
-    finally:
-        srv.close()
-        cli.close()
 
 
 async def test_a_stuck_store_stops_the_holding_and_the_python_path_answers(
@@ -375,12 +383,7 @@ def test_the_c_loop_ages_ttls_as_the_cache_renders_them(ttls: list[int], age: fl
     fast = dns_hits.FastHits(_NullSink(), "P")  # type: ignore[arg-type]
     fast.learn("127.0.0.1", query, learnt, Dns(ts=0), None, now + 60,
                (wire.stored, wire.ttl_offsets, wire.ttls))
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.setblocking(False)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cli.bind(("127.0.0.1", 0))
-    try:
+    with udp_pair() as (srv, cli):
         cli.sendto(query, srv.getsockname())
         time.sleep(0.01)
         misses, _seq, hits, _unsent, _more = dns_hits._dnshits.serve(srv.fileno(), fast.table, bytearray(), 1, 64)
@@ -389,9 +392,6 @@ def test_the_c_loop_ages_ttls_as_the_cache_renders_them(ttls: list[int], age: fl
         got = cli.recv(4096)
         want = {wire.render(query, q, t) for t in (now, served_at)}  # a second may turn between
         assert got in want
-    finally:
-        srv.close()
-        cli.close()
 
 
 class _NullSink:

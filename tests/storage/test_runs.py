@@ -3,7 +3,6 @@ and verified exactly as the rows they stand for, and any change to them is found
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,15 @@ from storage import schema
 from storage import writer as writer_mod
 from storage import chain
 from storage import runs as runs_mod
-from storage.config import StoreConfig
 from storage.partitions import day_path
 from storage.query import query, to_json
 from storage.records import Record
 from storage.schema import Copies
 from storage.verify import verify_store
 from storage.writer import RecordWriter
-from tests.storage.conftest import DAYS, NOW, clock, day_start
+from tests.storage.conftest import DAYS, NOW, day_start
 from tests.storage.test_copies import ALARM, BLOCK, HIT, ODD, encoder, values
+from tests.storage.test_copies import write as write_items
 
 T0 = day_start(DAYS[0]) + 3600 * 1_000_000
 OTHER = msgspec.structs.replace(HIT, account="bob", client_ip="10.0.0.9", qname="cdn.other.test",
@@ -41,18 +40,11 @@ FILTERS: list[dict[str, Any]] = [
 
 
 def write(store: Path, items: list[Record | Copies], runs: bool, **cfg: Any) -> RecordWriter:
-    async def go() -> RecordWriter:
-        w = RecordWriter(store, StoreConfig(**cfg), clock=clock)
-        await w.start()
-        for it in items:
-            assert w.submit_copies(it) if isinstance(it, Copies) else w.submit(it)
-        await w.close()
-        return w
-
+    """test_copies.write, with copies in runs or in rows."""
     old = writer_mod._Encoding.RUNS
     writer_mod._Encoding.RUNS = runs
     try:
-        return asyncio.run(go())
+        return write_items(store, items, **cfg)
     finally:
         writer_mod._Encoding.RUNS = old
 
@@ -127,22 +119,17 @@ def test_changed_run_is_found(tmp_path: Path) -> None:
     assert "hash mismatch" in problems(store)
 
 
-def test_changed_prototype_is_found(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("change", "found"), [
+    ("UPDATE protos SET server_port = 54 WHERE id = (SELECT min(id) FROM protos)", "hash mismatch"),
+    ("DELETE FROM protos", "cannot be decoded"),
+    ("UPDATE runs SET data = x'c1' WHERE first_id = (SELECT max(first_id) FROM runs)", "cannot be decoded"),
+    ("DELETE FROM runs WHERE first_id = (SELECT max(first_id) FROM runs)", "deleted"),
+])
+def test_a_changed_prototype_or_a_removed_run_is_found(tmp_path: Path, change: str, found: str) -> None:
     store = tmp_path / "s"
     write(store, many(), True)
-    sql(store, "UPDATE protos SET server_port = 54 WHERE id = (SELECT min(id) FROM protos)")
-    assert "hash mismatch" in problems(store)
-    sql(store, "DELETE FROM protos")
-    assert "cannot be decoded" in problems(store)
-
-
-def test_removed_or_garbled_run_is_found(tmp_path: Path) -> None:
-    store = tmp_path / "s"
-    write(store, many(), True)
-    sql(store, "UPDATE runs SET data = x'c1' WHERE first_id = (SELECT max(first_id) FROM runs)")
-    assert "cannot be decoded" in problems(store)
-    sql(store, "DELETE FROM runs WHERE first_id = (SELECT max(first_id) FROM runs)")
-    assert "deleted" in problems(store)
+    sql(store, change)
+    assert found in problems(store)
 
 
 def test_writer_reopening_a_day_continues_after_its_runs(tmp_path: Path) -> None:
