@@ -87,6 +87,9 @@ DDL = [
     f"CREATE TABLE IF NOT EXISTS protos({', '.join(c if c != 'id' else 'id INTEGER PRIMARY KEY' for c in COLUMNS)})",
     "CREATE TABLE IF NOT EXISTS runs(first_id INTEGER PRIMARY KEY, proto INTEGER NOT NULL, companion INTEGER, "
     "count INTEGER NOT NULL, min_ts INTEGER NOT NULL, max_ts INTEGER NOT NULL, data BLOB NOT NULL)",
+    # A query by account or name finds its prototypes, then their runs (not every run of the day).
+    "CREATE INDEX IF NOT EXISTS runs_proto ON runs(proto)",
+    "CREATE INDEX IF NOT EXISTS runs_companion ON runs(companion) WHERE companion IS NOT NULL",
 ]
 RUN_COLUMNS = ("first_id", "proto", "companion", "count", "min_ts", "max_ts", "data")
 UPDATE_RKEY = "UPDATE strs SET rkey = ? WHERE id = ?"
