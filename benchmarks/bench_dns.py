@@ -217,7 +217,10 @@ def dnsperf(port: int, data: Path, seconds: int, once: bool, log: Path) -> Resul
     with open(log, "rb") as f:
         for line in f:
             if line.startswith(b"> "):
-                lat.append(float(line.rsplit(b" ", 1)[1]))
+                try:  # "> RCODE name type latency"; a line without a latency (a lost query) is skipped
+                    lat.append(float(line.rsplit(b" ", 1)[1]))
+                except ValueError:
+                    pass
             elif b"Queries per second:" in line:
                 qps = float(line.split(b":")[1])
             elif b"Queries completed:" in line:
