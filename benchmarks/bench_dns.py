@@ -25,7 +25,7 @@ every query sent so far (the wait is printed: the backlog the previous workload
 left), and after its runs the store is counted and the count printed next to the
 queries sent and those dnsperf gave up on.
 
-Usage: ``.venv/bin/python benchmarks/bench_dns.py [--seconds 10] [--workers 1]``
+Usage: ``.venv/bin/python benchmarks/bench_dns.py [--seconds 10] [--workers 2]``
 (needs dnsperf, dnsmasq and unbound: ``apt-get install dnsperf dnsmasq unbound``).
 """
 
@@ -272,9 +272,7 @@ def wait_recorded(store: Path, sent: int, timeout: float = 120.0) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10, help="length of each dnsperf run")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="linewarden dns.workers (default: the product's, 1; on this 2-core machine 2 "
-                         "workers answered fewer hits, as the main process's writer needs a core)")
+    ap.add_argument("--workers", type=int, default=2, help="linewarden dns.workers")
     ap.add_argument("--miss-names", type=int, default=600_000,
                     help="unique names per cache-miss run (more than any server answers in --seconds)")
     ap.add_argument("--rounds", type=int, default=1,

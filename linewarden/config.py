@@ -232,9 +232,7 @@ class DnsConfig:
                            "(see deploy/README.md).")
     workers: int = _doc(1, "Processes answering DNS on one port (SO_REUSEPORT), each "
                         "sending its records to the writer in the main process; 0 = answer "
-                        "in the main process. One answers ~170-200k cache hits a second on "
-                        "two cores, more than two did there (the main process's writer needs "
-                        "the other core): set about half the cores of a bigger gateway "
+                        "in the main process. A gateway sets its number of cores "
                         "(linewarden/workers.py explains why).", minimum=0, maximum=16)
     tcp_idle_timeout_s: float = _doc(10.0, "Idle TCP client connections are closed after this "
                                      "(RFC 7766 6.2.3 recommends seconds, not minutes).",
