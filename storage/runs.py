@@ -92,14 +92,10 @@ class Runs:
         for k, c in enumerate(copies):
             rid = first + k * step
             if want_main:
-                v = base.copy()
-                v.update(zip(COPY_FIELDS, c))
-                yield c[0], rid, (lay, v)
+                yield c[0], rid, (lay, _copy_of(base, COPY_FIELDS, c))
             if want_comp:
                 assert comp is not None
-                cv = comp[1].copy()
-                cv.update(zip(COMPANION_FIELDS, c))
-                yield c[0], rid + 1, (comp[0], cv)
+                yield c[0], rid + 1, (comp[0], _copy_of(comp[1], COMPANION_FIELDS, c))
 
     def by_id(self) -> Iterator[tuple[int, Callable[[], bytes]]]:
         """(id, its logical bytes when called) of every record of every run, in id order;
@@ -135,6 +131,13 @@ class Runs:
         for ts, rid, vals in _merge(runs, lambda run: self.copies(run, only)):
             if lo <= ts < hi:
                 yield ts, rid, vals
+
+
+def _copy_of(base: dict[str, Any], fields: tuple[str, ...], values: Copy) -> dict[str, Any]:
+    """A prototype's values with a copy's own; lists copied, so no two records share one."""
+    v = {k: list(x) if type(x) is list else x for k, x in base.items()}
+    v.update(zip(fields, values))
+    return v
 
 
 def by_id(conn: sqlite3.Connection, dec: RowDecoder) -> Iterator[tuple[int, Callable[[], bytes]]]:
