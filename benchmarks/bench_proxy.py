@@ -17,6 +17,8 @@ Measures, on loopback only, with bounded durations:
   its default ``http.relay = "auto"``: every end is on this machine, so it copies
   (``--relay splice`` runs the relay a gateway between two other hosts uses).
   squid runs as many SMP workers as linewarden has proxy workers (``--squid-workers``).
+  ``--baseline PATH`` runs a second linewarden from another checkout in the same
+  rounds, so a change is measured against the code before it under the same load.
 * each proxy's resident memory with 1,000 idle keep-alive client connections.
 
 Prints req/s, MB/s and the ratios linewarden/e2guardian and linewarden/squid.
@@ -277,7 +279,13 @@ http {{
     return Proc("origin", port, p, tls_port)
 
 
-def start_linewarden(work: Path, keywords: list[str], workers: int, relay: str | None = None) -> Proc:
+def start_linewarden(work: Path, keywords: list[str], workers: int, relay: str | None = None, *,
+                     root: Path = ROOT, name: str = "linewarden") -> Proc:
+    """``linewarden run`` from the checkout at ``root`` (``--baseline`` runs a second one,
+    in a folder of its own under ``work``)."""
+    if name != "linewarden":
+        work = work / name
+        work.mkdir()
     rules = work / "lw-rules"
     write_rules(rules, keywords)
     port = free_port()
@@ -296,10 +304,10 @@ workers = {workers}
 enabled = false
 """)
     logf = open(work / "linewarden.log", "wb")
-    p = subprocess.Popen([PY, "-m", "linewarden", "run", "--config", str(cfg)], cwd=ROOT,
+    p = subprocess.Popen([PY, "-m", "linewarden", "run", "--config", str(cfg)], cwd=root,
                          stdout=logf, stderr=subprocess.STDOUT)
     wait_port(port, p, timeout=120)
-    return Proc("linewarden", port, p, port)
+    return Proc(name, port, p, port)
 
 
 def start_squid(work: Path, workers: int = 1) -> Proc | None:
@@ -516,6 +524,10 @@ def main() -> int:
     ap.add_argument("--relay", choices=("auto", "splice", "copy"), default=None,
                     help="linewarden http.relay (default: the product's, auto; here every end is on "
                          "this machine, so auto copies; a gateway between two other hosts splices)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout of linewarden (say `git worktree add /tmp/base HEAD`, its "
+                         "compiled modules built or copied there) run as 'baseline' in the page and TLS "
+                         "rounds, alternating with this one under the same load: an A/B of a change")
     ap.add_argument("--squid-workers", type=int, default=None,
                     help="squid SMP workers (default: as many as linewarden's, so both get the same "
                          "parallelism, and the same share of a busy machine's CPU)")
@@ -544,6 +556,11 @@ def main() -> int:
             assert v.action == "allow", (name, v.rule_ids)
         lw = start_linewarden(work, keywords, args.workers, args.relay)
         procs.append(lw)
+        baseline = None
+        if args.baseline is not None:
+            baseline = start_linewarden(work, keywords, args.workers, args.relay, root=args.baseline.resolve(),
+                                        name="baseline")
+            procs.append(baseline)
         peers: dict[str, Proc] = {}
         if "e2guardian" not in skip and (e2g := start_e2guardian(work, keywords)):
             peers["e2guardian"] = e2g
@@ -564,6 +581,8 @@ def main() -> int:
             log(f"{name}: probe page {'blocked' if ok else 'NOT BLOCKED'} ({len(probe)} bytes back)")
         time.sleep(3)  # let every proxy finish starting (list loading, workers) before measuring
         targets: list[tuple[str, int, bool]] = [("direct", origin.port, False), ("linewarden", lw.port, True)]
+        if baseline is not None:
+            targets.append(("baseline", baseline.port, True))
         targets += [(n, p.port, True) for n, p in peers.items()]
         results: dict[tuple[str, str], tuple[float, float]] = {}
         host = f"127.0.0.1:{origin.port}"
@@ -586,6 +605,8 @@ def main() -> int:
             assert origin.tls_port is not None
             small = len((work / "www" / "1k.html").read_bytes())
             tls_targets: list[tuple[str, Proc | None]] = [("direct", None), ("linewarden", lw)]
+            if baseline is not None:
+                tls_targets.append(("baseline", baseline))
             if "squid" in peers:
                 tls_targets.append(("squid", peers["squid"]))
             for r in range(args.tls_rounds):
@@ -610,7 +631,8 @@ def main() -> int:
                 log(f"{name:>11} memory: {mem[name][0]:.1f} MB idle, {mem[name][1]:.1f} MB with 1,000 idle connections")
 
         lw.stop()  # SIGTERM: the writer commits everything before the records are counted
-        print_report(args, results, tls, mem, list(peers), keywords, work / "lw-store")
+        print_report(args, results, tls, mem, (["baseline"] if baseline else []) + list(peers), keywords,
+                     work / "lw-store")
         return 0
     finally:
         for p in reversed(procs):
@@ -630,8 +652,9 @@ def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  #
           f"-d{args.duration}s, linewarden http.workers={args.workers}, squid workers={args.squid_workers}, "
           f"{os.cpu_count()} CPUs, loopback")
     cols = ["direct", "linewarden"] + peers
+    base = " | lw/base" if "baseline" in peers else ""
     if results:
-        print(f"{'page':>5} | " + " | ".join(f"{c:>22}" for c in cols) + " | lw/e2g | lw/squid")
+        print(f"{'page':>5} | " + " | ".join(f"{c:>22}" for c in cols) + " | lw/e2g | lw/squid" + base)
     for page in PAGES if results else ():
         cells = []
         for c in cols:
@@ -640,7 +663,8 @@ def print_report(args, results, tls, mem, peers, keywords, lw_store) -> None:  #
         lw = results[("linewarden", page)][0]
         r_e = _ratio(lw, results[("e2guardian", page)][0]) if "e2guardian" in peers else "n/a"
         r_s = _ratio(lw, results[("squid", page)][0]) if "squid" in peers else "n/a"
-        print(f"{page:>5} | " + " | ".join(f"{c:>22}" for c in cells) + f" | {r_e:>6} | {r_s:>8}")
+        r_b = f" | {_ratio(lw, results[('baseline', page)][0]):>7}" if base else ""
+        print(f"{page:>5} | " + " | ".join(f"{c:>22}" for c in cells) + f" | {r_e:>6} | {r_s:>8}" + r_b)
     if tls:
         print_tls(args, tls)
     if mem:
@@ -699,22 +723,29 @@ def print_tls(args, tls) -> None:  # type: ignore[no-untyped-def]
         machine = _median([_machine_cpu_per_gb(b) for _, b in runs])
         print(f"  {name:>11}: {cps:8.0f} new conn/s, {mbs:8.1f} MB/s bulk ({busy}{cpu}; "
               f"machine {machine:.2f} s CPU/GB)")
-    if "squid" in tls and "linewarden" in tls:
-        pairs = list(zip(tls["linewarden"], tls["squid"]))
-        conn_r = [lc.per_s / sc.per_s for (lc, _), (sc, _) in pairs]
-        bulk_r = [lb.mb_s / sb.mb_s for (_, lb), (_, sb) in pairs]
-        print(f"  ratio linewarden/squid (median of per-round ratios): conn/s {_median(conn_r):.2f} "
-              f"[{' '.join(f'{x:.2f}' for x in conn_r)}], bulk {_median(bulk_r):.2f} "
-              f"[{' '.join(f'{x:.2f}' for x in bulk_r)}]")
-        # CPU per unit of work does not depend on how busy the machine is; the rates do
-        # (and on a busy machine the scheduler's per-process share favours a proxy that
-        # runs several processes), so the rates' ratio is only telling on a quiet machine.
-        conn_c = [_cpu_ms(lc) / _cpu_ms(sc) for (lc, _), (sc, _) in pairs if _cpu_ms(sc)]
-        bulk_c = [_cpu_per_gb(lb) / _cpu_per_gb(sb) for (_, lb), (_, sb) in pairs if _cpu_per_gb(sb)]
-        machine_c = [_machine_cpu_per_gb(lb) / _machine_cpu_per_gb(sb) for (_, lb), (_, sb) in pairs
-                     if _machine_cpu_per_gb(sb)]
-        print(f"  proxy CPU per unit linewarden/squid (lower is better): per connection {_median(conn_c):.2f}, "
-              f"per GB {_median(bulk_c):.2f}; machine (proxy + curl + nginx) per GB {_median(machine_c):.2f}")
+    for peer in ("squid", "baseline"):
+        if peer in tls and "linewarden" in tls:
+            print_tls_ratios(tls, peer)
+
+
+def print_tls_ratios(tls, peer: str) -> None:  # type: ignore[no-untyped-def]
+    """linewarden against ``peer``: ratios taken within each round, then their median."""
+    pairs = list(zip(tls["linewarden"], tls[peer]))
+    conn_r = [lc.per_s / sc.per_s for (lc, _), (sc, _) in pairs]
+    bulk_r = [lb.mb_s / sb.mb_s for (_, lb), (_, sb) in pairs]
+    print(f"  ratio linewarden/{peer} (median of per-round ratios): conn/s {_median(conn_r):.2f} "
+          f"[{' '.join(f'{x:.2f}' for x in conn_r)}], bulk {_median(bulk_r):.2f} "
+          f"[{' '.join(f'{x:.2f}' for x in bulk_r)}]")
+    # CPU per unit of work does not depend on how busy the machine is; the rates do
+    # (and on a busy machine the scheduler's per-process share favours a proxy that
+    # runs several processes), so the rates' ratio is only telling on a quiet machine.
+    conn_c = [_cpu_ms(lc) / _cpu_ms(sc) for (lc, _), (sc, _) in pairs if _cpu_ms(sc)]
+    bulk_c = [_cpu_per_gb(lb) / _cpu_per_gb(sb) for (_, lb), (_, sb) in pairs if _cpu_per_gb(sb)]
+    machine_c = [_machine_cpu_per_gb(lb) / _machine_cpu_per_gb(sb) for (_, lb), (_, sb) in pairs
+                 if _machine_cpu_per_gb(sb)]
+    print(f"  proxy CPU per unit linewarden/{peer} (lower is better): per connection {_median(conn_c):.2f} "
+          f"[{' '.join(f'{x:.2f}' for x in conn_c)}], per GB {_median(bulk_c):.2f}; "
+          f"machine (proxy + curl + nginx) per GB {_median(machine_c):.2f}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ interception with generated certificates, HTTP/2).
 
 A new connection is driven by its protocol's callbacks (``_AcceptedSide``)
 through the commonest case, TLS passed through (a ``CONNECT`` or a redirected
-connection, the ClientHello, the decision, the connect, a short relay); any
-other turn continues in a task running the same code as before (``_serve``).
+connection, the ClientHello, the decision, the connect, a short relay) with no
+task and no timer of its own; any other turn continues in a task running the
+same code as before (``_serve``).
 
 Must not: decide (the Engine does), parse TLS (``proxy.tlshello``) or HTTP
 (``rules.wire``), or write SQL (records go to ``submit``). Errors: one
@@ -66,6 +67,12 @@ verdict is ~4 µs of Engine work, a lookup a tenth of that."""
 FIRST_BYTES_TIMEOUT = 30.0
 """Seconds a new connection may stay silent before it is closed (a client that
 connects and waits holds a socket; browsers send at once)."""
+
+WAIT_SWEEP_S = 1.0
+"""How often the waits of callback-driven connections (their first bytes, their
+upstream connect) are checked against their limits: one timer for all of them, not
+two a connection (arming and cancelling a loop timer is ~3 µs each, on every new
+connection). A wait may so last up to this much longer than its limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +191,10 @@ class FastPath:
         """Connections driven by callbacks (not yet, or never, handed to a task)."""
         self._lean_gone: asyncio.Future[None] | None = None
         """Set by ``stop`` while it waits for the callback-driven connections to end."""
+        self._waits: dict[_AcceptedSide, float] = {}
+        """Callback-driven connections waiting (first bytes, a connect) → their deadline
+        (loop time), checked by ``_sweep`` every ``WAIT_SWEEP_S``."""
+        self._sweeper: asyncio.TimerHandle | None = None
         self.address: tuple[str, int] | None = None
 
     @property
@@ -223,6 +234,9 @@ class FastPath:
             except TimeoutError:
                 log.warning("%d connections did not close within %s s", len(self._lean), STOP_TIMEOUT)
             self._lean_gone = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             # Python 3.12's wait_closed also waits for accepted connections: closed above.
             await self._server.wait_closed()
@@ -234,9 +248,28 @@ class FastPath:
     def _lean_left(self, client: _AcceptedSide) -> None:
         """``client`` is no longer driven by callbacks (ended, or handed to a task)."""
         self._lean.discard(client)
+        self._waits.pop(client, None)
         gone = self._lean_gone
         if gone is not None and not self._lean and not gone.done():
             gone.set_result(None)
+
+    def _wait(self, client: _AcceptedSide, limit: float) -> None:
+        """``client`` waits for at most ``limit`` seconds from now (``_sweep`` ends it then)."""
+        loop = asyncio.get_running_loop()
+        self._waits[client] = loop.time() + limit
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(WAIT_SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        """End the waits past their deadline; check again while any is left."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        over = [c for c, deadline in self._waits.items() if deadline <= now]
+        for client in over:
+            del self._waits[client]
+        self._sweeper = loop.call_later(WAIT_SWEEP_S, self._sweep) if self._waits else None
+        for client in over:
+            client.expired()
 
     # -- one connection ---------------------------------------------------------
 
@@ -302,7 +335,8 @@ class FastPath:
         if conn.dns_name is None and self.dns_names and conn.server_ip:
             conn.dns_name = self.dns_names(conn.client_ip, conn.server_ip)
         reason = state.close_reason or "fin"
-        self.stats.by_reason[reason.split(":")[0]] = self.stats.by_reason.get(reason.split(":")[0], 0) + 1
+        kind = reason.split(":", 1)[0]
+        self.stats.by_reason[kind] = self.stats.by_reason.get(kind, 0) + 1
         up = state.upstream
         self.submit(
             conn_record(
@@ -542,8 +576,11 @@ class _AcceptedSide(Side):
     commonest job and its shortest, and as a task it paid a dozen coroutine steps,
     futures and timers on top of its reads and writes. The stages: the first bytes
     (``_FIRST``); after a ``CONNECT``, the tunnel's first bytes (``_TUNNEL``); the
-    ClientHello (``_HELLO``); the upstream connect (``_CONNECTING``, the one task:
-    ``create_connection`` is a coroutine); the transports' relay (``_RELAY``).
+    ClientHello (``_HELLO``); the upstream connect (``_CONNECTING``: the
+    ``create_connection`` coroutine, stepped by ``_Connect`` from the futures it
+    awaits); the transports' relay (``_RELAY``). Their time limits (first bytes,
+    connect) are deadlines that one timer checks for all connections (``FastPath._sweep``),
+    and the ends of the relay come as direct calls (``Side.on_lost``, ``_Joined.on_end``).
     Everything else goes on in a task from where the callbacks stopped (``_TASK``,
     the code of the task path, so the same bytes get the same answers and records):
     plain HTTP, HTTP or other bytes inside a tunnel, a ``CONNECT`` head not whole
@@ -558,8 +595,7 @@ class _AcceptedSide(Side):
         self._state: ConnState | None = None
         self._dst: tuple[str, int] | None = None
         """Where the tunnel goes: the ``CONNECT`` target, or the redirected destination."""
-        self._timer: asyncio.TimerHandle | None = None
-        self._connecting: asyncio.Task[Any] | None = None
+        self._connecting: _Connect | None = None
         self._decision: TlsDecision | None = None
         self._open_ends = 0
 
@@ -581,7 +617,7 @@ class _AcceptedSide(Side):
                 self._end()
                 return
             state.conn.server_ip, state.conn.server_port = self._dst = dst
-        self._timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, self._silent)
+        fp._wait(self, FIRST_BYTES_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -614,17 +650,20 @@ class _AcceptedSide(Side):
         stage = self._stage
         self._guarded(self._first if stage == _FIRST else self._tunnel if stage == _TUNNEL else self._hello)
 
-    def _silent(self) -> None:
-        """No byte within ``FIRST_BYTES_TIMEOUT`` of the accept."""
-        self._timer = None
+    def expired(self) -> None:
+        """Its wait is over (``FastPath._sweep``): no byte within ``FIRST_BYTES_TIMEOUT``
+        of the accept, or no connection within ``connect_timeout``."""
+        self._guarded(self._expire)
+
+    def _expire(self) -> None:
         if self._stage == _FIRST:
             self._state.close_reason = self._state.close_reason or "timeout"  # type: ignore[union-attr]
             self._end()
+        elif self._stage == _CONNECTING and self._connecting is not None:
+            self._connecting.cancel()  # ``_connected`` records the timeout
 
     def _first(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._fp._waits.pop(self, None)
         state = self._state
         assert state is not None
         if not self.buf:
@@ -723,32 +762,29 @@ class _AcceptedSide(Side):
         fp.stats.tls_passthrough += 1
         self._decision = decision
         self._stage = _CONNECTING
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.create_connection(Side, dst[0], dst[1]))
-        self._connecting = task
-        self._timer = loop.call_later(fp.config.connect_timeout, task.cancel)
-        task.add_done_callback(self._connected)
+        self._connecting = connecting = _Connect(dst[0], dst[1], self._connected)
+        fp._wait(self, fp.config.connect_timeout)
+        connecting.start()
 
-    def _connected(self, task: asyncio.Task[Any]) -> None:
+    def _connected(self, result: tuple[asyncio.BaseTransport, Side] | None, exc: BaseException | None) -> None:
         """The connect is over: record the decision, then relay (or end)."""
         self._connecting = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._guarded(self._after_connect, task)
+        self._fp._waits.pop(self, None)
+        self._guarded(self._after_connect, result, exc)
 
-    def _after_connect(self, task: asyncio.Task[Any]) -> None:
+    def _after_connect(self, result: tuple[asyncio.BaseTransport, Side] | None, exc: BaseException | None) -> None:
         fp, state, dst = self._fp, self._state, self._dst
         assert state is not None and dst is not None and self._decision is not None
         upstream: Side | None = None
-        if task.cancelled():
+        if isinstance(exc, asyncio.CancelledError):
             if state.close_reason is not None:
                 self._end()  # the proxy is stopping (``shutdown``)
                 return
-            fp.connect_failed(state, dst[0], dst[1], TimeoutError())  # the connect timer
-        elif (exc := task.exception()) is None:
-            transport, upstream = task.result()
-            fp.connected(state, transport, upstream)  # type: ignore[arg-type]
+            fp.connect_failed(state, dst[0], dst[1], TimeoutError())  # the wait expired (``expired``)
+        elif exc is None:
+            assert result is not None
+            transport, upstream = result
+            fp.connected(state, transport, upstream)
         elif isinstance(exc, (OSError, TimeoutError)):
             fp.connect_failed(state, dst[0], dst[1], exc)
         else:
@@ -767,7 +803,7 @@ class _AcceptedSide(Side):
         if joined is None or joined.over.done():
             self._to_task(self._relayed(upstream))
         else:
-            joined.over.add_done_callback(self._relay_over)
+            joined.on_end = self._relay_over
 
     async def _relayed(self, upstream: Side) -> None:
         """The rest of the relay in a task (the socket relay took over, or the relay
@@ -777,7 +813,7 @@ class _AcceptedSide(Side):
         assert state is not None
         state.close_reason = state.close_reason or ("rst" if self.reset or upstream.reset else "fin")
 
-    def _relay_over(self, _: object) -> None:
+    def _relay_over(self) -> None:
         """A side closed (``_transports_closed``), or one received ``RELAY_AFTER`` bytes:
         the socket relay takes over in a task."""
         self._guarded(self._relay_ended)
@@ -792,16 +828,16 @@ class _AcceptedSide(Side):
         self.close()
         upstream.close()
         for side in (self, upstream):
-            if not side.closed.done():
+            if not side.lost:
                 self._open_ends += 1
-                side.closed.add_done_callback(self._end_closed)
+                side.on_lost = self._end_closed
         if not self._open_ends:
             self._relay_done()
 
-    def _end_closed(self, _: object) -> None:
+    def _end_closed(self) -> None:
         self._open_ends -= 1
         if not self._open_ends:
-            self._relay_done()
+            self._guarded(self._relay_done)
 
     def _relay_done(self) -> None:
         state = self._state
@@ -814,9 +850,6 @@ class _AcceptedSide(Side):
     def _to_task(self, work: Coroutine[Any, Any, None]) -> None:
         """Go on in a task, which closes the connection and records it at its end."""
         self._stage = _TASK
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._fp._lean_left(self)
         self._fp._continue(self, self._state, work)  # type: ignore[arg-type]
 
@@ -825,9 +858,6 @@ class _AcceptedSide(Side):
         if self._stage >= _TASK:
             return
         self._stage = _DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._fp._lean_left(self)
         self._fp._closed(self._state, self)  # type: ignore[arg-type]
 
@@ -846,6 +876,51 @@ class _AcceptedSide(Side):
                 state.upstream.close()
         else:
             self._end()
+
+
+ConnectDone = Callable[[tuple[asyncio.BaseTransport, Side] | None, BaseException | None], None]
+"""Told how a connect ended: (transport, side) and None, or None and the exception."""
+
+
+class _Connect:
+    """``loop.create_connection(Side, host, port)`` driven by the futures it awaits, not
+    by a task: ``start`` steps the coroutine at once (its connect(2) goes out from the
+    callback that decided, not a loop pass later), each awaited future's done callback
+    steps it again, and the end goes to ``done``. A task costs a connection ~10 µs of
+    its own (the task, its context, a loop pass for each step). ``cancel`` does what
+    ``Task.cancel`` does: it cancels the awaited future, and the coroutine meets
+    CancelledError there (uvloop closes the half-made transport and re-raises it)."""
+
+    __slots__ = ("_coro", "_done", "_waiting")
+
+    def __init__(self, host: str, port: int, done: ConnectDone) -> None:
+        self._coro = asyncio.get_running_loop().create_connection(Side, host, port)
+        self._done = done
+        self._waiting: asyncio.Future[Any] | None = None
+
+    def start(self) -> None:
+        self._step(None)
+
+    def _step(self, _: object) -> None:
+        self._waiting = None
+        try:
+            awaited = self._coro.send(None)
+        except StopIteration as stop:
+            self._done(stop.value, None)
+            return
+        except (Exception, asyncio.CancelledError) as exc:  # the connect's end, whatever it is
+            self._done(None, exc)
+            return
+        if awaited is None:  # a bare yield: go on in the next loop pass, as a task would
+            asyncio.get_running_loop().call_soon(self._step, None)
+            return
+        awaited._asyncio_future_blocking = False
+        self._waiting = awaited
+        awaited.add_done_callback(self._step)
+
+    def cancel(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
 
 
 CONNECT_MEMO_MAX = 4096

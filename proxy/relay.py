@@ -105,6 +105,10 @@ class Side(asyncio.Protocol):
         """Set by ``splice`` while the transports relay: how their relay ends."""
         self.relay_after = _NEVER
         """``bytes_in`` at which the socket relay is to take over from the transports."""
+        self.on_lost: Callable[[], None] | None = None
+        """Called once, at the end of ``connection_lost``: how a connection driven by
+        callbacks learns that this socket closed (``closed`` is for coroutines: a
+        future's done callback is another trip through the loop's queue)."""
 
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -165,6 +169,10 @@ class Side(asyncio.Protocol):
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.lost:
             peer.transport.close()
+        on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -309,17 +317,22 @@ class _Joined:
     """The transports' relay of two sides: over when a side is lost, or when one has
     received its ``relay_after`` bytes (``hand_over``: the socket relay is to take over)."""
 
-    __slots__ = ("mode", "over", "hand_over")
+    __slots__ = ("mode", "over", "hand_over", "on_end")
 
     def __init__(self, mode: RelayMode) -> None:
         self.mode = mode
         self.over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.hand_over = False
+        self.on_end: Callable[[], None] | None = None
+        """Called when it ends, from the callback that ended it (``Side.data_received`` or
+        ``connection_lost``): the callback-driven connection's way, where a task awaits ``over``."""
 
     def end(self, *, hand_over: bool) -> None:
         if not self.over.done():
             self.hand_over = hand_over
             self.over.set_result(None)
+            if self.on_end is not None:
+                self.on_end()
 
 
 async def spliced(a: Side, b: Side) -> None:

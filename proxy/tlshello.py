@@ -8,14 +8,33 @@ enough to reassemble the first handshake message, and parsing that ClientHello
 (RFC 8446 §4.2.1). Shared by the replay and the live proxy.
 Must not: decide anything (the Engine decides on the SNI) or hold state between
 calls: the caller passes all bytes seen so far and calls again when more arrive.
+
+The common case (the whole hello in its first record, well formed) is scanned by
+``proxy._tlshello`` (C, proxy/_tlshello.c) when it is built; anything else, and
+every error, is this module's, so there is one parser's semantics
+(tests/proxy/test_tlshello_c.py checks the two agree). ``LINEWARDEN_PURE_PYTHON=1``
+in the environment turns the C scan off; without a compiler it is not built.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rules.errors import InputError, LinewardenError
+
+try:
+    from proxy import _tlshello
+except ImportError:  # no compiler at install time: the Python parser does it all
+    _tlshello = None  # type: ignore[assignment]
+
+_Scan = Callable[[bytes | bytearray], tuple[str | None, list[str], list[str]] | None]
+_scan: _Scan | None = (
+    _tlshello.scan if _tlshello is not None and os.environ.get("LINEWARDEN_PURE_PYTHON", "") in ("", "0") else None
+)
+"""``proxy._tlshello.scan``, or None when the Python parser does it all (tests switch it)."""
 
 MAX_CLIENT_HELLO_BYTES = 64 * 1024
 """Largest ClientHello we reassemble. Browsers' hellos are 0.5–2 KiB; post-quantum
@@ -73,6 +92,10 @@ def parse_client_hello(data: bytes, *, partial: bool = False) -> ClientHello:
     ``partial=True`` (the stream ended or has a gap) a truncated hello yields
     whatever was parsed, with ``complete=False``, instead of ``NeedMoreData``.
     """
+    if _scan is not None:
+        got = _scan(data)
+        if got is not None:
+            return ClientHello(*got)
     try:
         body = _handshake_body(data)
     except NeedMoreData:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gzip
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -443,6 +444,74 @@ async def test_stopping_the_proxy_ends_tls_tunnels_and_records_them(lab: Lab) ->
     [t] = await lab.records("tls")
     [c] = await lab.records("conn")
     assert t.uid == c.uid and c.close_reason == "shutdown" and c.bytes_down > 0 and lab.proxy.stats.active == 0
+
+
+async def test_silent_client_is_closed_after_the_first_bytes_timeout(lab: Lab,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import fastpath
+
+    monkeypatch.setattr(fastpath, "FIRST_BYTES_TIMEOUT", 0.2)
+    monkeypatch.setattr(fastpath, "WAIT_SWEEP_S", 0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    talking_r, talking_w = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
+    talking_w.write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n")  # and then nothing
+    async with asyncio.timeout(5):
+        assert (await talking_r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        assert await reader.read() == b""  # closed by the sweep, not by the client
+    await asyncio.sleep(0.3)
+    assert not talking_r.at_eof()  # no first-bytes limit once it has spoken
+    for w in (writer, talking_w):
+        w.close()
+    conns = await lab.records("conn")
+    assert sorted(c.close_reason for c in conns) == ["fin", "timeout"]
+    assert not lab.proxy._waits and lab.proxy._sweeper is None  # nothing left to watch
+
+
+def _unanswered_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: a connect to it waits (its SYNs dropped)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(srv.getsockname())
+        fillers.append(f)
+    return srv, fillers
+
+
+@pytest.mark.parametrize("end", ["timeout", "stop"])
+async def test_a_connect_that_hangs_ends_by_its_timeout_or_the_stop(lab: Lab, end: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from proxy import fastpath
+
+    monkeypatch.setattr(fastpath, "WAIT_SWEEP_S", 0.05)
+    lab.proxy.config = dataclasses.replace(lab.proxy.config, connect_timeout=0.3 if end == "timeout" else 30)
+    srv, fillers = _unanswered_listener()
+    port = srv.getsockname()[1]
+    try:
+        reader, writer = await _tunnel(lab, port, [f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()])
+        writer.write(_client_hello("www.allowed.example"))
+        async with asyncio.timeout(10):
+            if end == "stop":
+                await asyncio.sleep(0.3)
+                await lab.proxy.stop()
+            assert await reader.read() == b""
+        writer.close()
+        tls = await lab.records("tls")
+        [c] = await lab.records("conn")
+    finally:
+        for s in (srv, *fillers):
+            s.close()
+    if end == "timeout":
+        [t] = tls
+        assert t.uid == c.uid and t.sni == "www.allowed.example" and t.nat_port is None
+        assert c.close_reason == f"error: connect 127.0.0.1:{port}: "
+    else:  # as on the task path: a connect the stop cut short leaves the conn record alone
+        assert tls == [] and c.close_reason == "shutdown" and c.service == "tls"
 
 
 async def test_records_join_on_uid_and_carry_nat(lab: Lab) -> None:

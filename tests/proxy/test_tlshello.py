@@ -1,16 +1,35 @@
-"""Tests for proxy/tlshello.py, on ClientHellos made by OpenSSL (Python's ssl) and by hand."""
+"""Tests for proxy/tlshello.py, on ClientHellos made by OpenSSL (Python's ssl) and by hand.
+
+Every test runs twice: with the compiled scan (proxy/_tlshello.c, when built) and with
+the Python parser alone (its fallback); tests/proxy/test_tlshello_c.py compares the two."""
 
 from __future__ import annotations
 
 import ssl
 import struct
+from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy import tlshello
 from proxy.tlshello import MAX_CLIENT_HELLO_BYTES, ClientHello, NeedMoreData, parse_client_hello
 from rules.errors import InputError
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def parser(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The compiled scan in front of the Python parser, or the Python parser alone."""
+    saved = tlshello._scan
+    if request.param == "compiled" and saved is None:
+        pytest.skip("proxy._tlshello is not built (or LINEWARDEN_PURE_PYTHON is set)")
+    if request.param == "python":
+        tlshello._scan = None
+    try:
+        yield request.param
+    finally:
+        tlshello._scan = saved
 
 
 def openssl_hello(sni: str | None = "www.example.com", alpn: list[str] | None = None,
@@ -128,7 +147,7 @@ def test_limit_is_above_real_hellos() -> None:
 _REAL = openssl_hello("fuzz.example", ["h2"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_mangled_hellos_raise_only_typed_errors(data: st.DataObject) -> None:
     raw = bytearray(_REAL)
