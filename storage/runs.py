@@ -10,9 +10,10 @@ as a run:
 * ``protos``: the prototype's row (and its companion's), with the columns of ``rec``,
   once per day file;
 * ``runs``: ``first_id``, the prototype's and companion's ids in ``protos``, ``count``,
-  the least and greatest ``ts``, and ``data``: the msgpack array of each copy's
-  ``[ts, uid, client_port, dns_id, latency_us]``, in ``ts`` order (written by
-  ``RowEncoder.encode_run``, in C where ``storage._copies`` is built).
+  the least and greatest ``ts``; and ``run_data`` (by ``first_id``): ``data``, the
+  msgpack array of each copy's ``[ts, uid, client_port, dns_id, latency_us]``, in
+  ``ts`` order (written by ``RowEncoder.encode_run``, in C where ``storage._copies``
+  is built). Apart, so that a query scans the lean ``runs`` for its prototypes.
 
 Copy ``k`` of a run is the record with id ``first_id + k`` (``first_id + 2k`` and, for
 its companion, ``+ 1`` when the run has one): runs and ``rec`` rows share one id
@@ -50,6 +51,11 @@ def unpack(data: bytes) -> list[Copy]:
     if type(copies) is not list or not all(type(c) is list and len(c) == 5 for c in copies):
         raise ValueError("run data is not a list of 5-value copies")
     return copies
+
+
+RUN_SELECT = ("r.first_id, proto, companion, count, min_ts, max_ts, d.data "
+              "FROM runs r LEFT JOIN run_data d ON d.first_id = r.first_id")
+"""A run with its data (None where its data row is missing: it then fails to decode)."""
 
 
 def has_runs(conn: sqlite3.Connection) -> bool:
@@ -102,7 +108,7 @@ class Runs:
         a run that cannot be read yields its ids with a call that raises why."""
         if not self.present:
             return
-        for run in self.conn.execute("SELECT * FROM runs ORDER BY first_id"):
+        for run in self.conn.execute(f"SELECT {RUN_SELECT} ORDER BY r.first_id"):
             try:
                 got = [(rid, RowDecoder.logical_of(lay, v)) for _ts, rid, (lay, v) in self.copies(run)]
             except Exception as exc:
@@ -126,8 +132,8 @@ class Runs:
         cond = (f"(proto IN ({marks}) OR companion IN ({marks}))" if marks else
                 f"(proto IN (SELECT id FROM protos WHERE {where}) OR companion IN (SELECT id FROM protos WHERE {where}))")
         cargs = [*only, *only] if marks else [*args, *args]
-        runs = self.conn.execute(f"SELECT * FROM runs WHERE {cond} AND max_ts >= ? AND min_ts < ? ORDER BY min_ts, first_id",
-                                 [*cargs, lo, hi])
+        runs = self.conn.execute(f"SELECT {RUN_SELECT} WHERE {cond} AND max_ts >= ? AND min_ts < ? "
+                                 "ORDER BY min_ts, r.first_id", [*cargs, lo, hi])
         for ts, rid, vals in _merge(runs, lambda run: self.copies(run, only)):
             if lo <= ts < hi:
                 yield ts, rid, vals

@@ -69,6 +69,7 @@ from storage.schema import (
     COLUMNS,
     INSERT_BATCH,
     RUN_COLUMNS,
+    RUN_DATA_COLUMNS,
     UPDATE_RKEY,
     Copies,
     Interner,
@@ -501,7 +502,8 @@ class RecordWriter:
             hashed = await encoding
             assert hashed is not None  # None only once the transaction is abandoned
             head, count = hashed
-            for table, columns, rows in (("protos", COLUMNS, st.encoder.take_protos()), ("runs", RUN_COLUMNS, enc.runs)):
+            for table, columns, rows in (("protos", COLUMNS, st.encoder.take_protos()), ("runs", RUN_COLUMNS, enc.runs),
+                                         ("run_data", RUN_DATA_COLUMNS, enc.run_data)):
                 for sql, params in insert_statements(table, columns, rows):
                     await c.execute(sql, params)
             new_strs, new_rkeys = st.interner.take()
@@ -707,6 +709,8 @@ class _Encoding:
         """``chunk_plan`` of the ``rec`` rows, once the encoder thread knows their number."""
         self.runs: list[tuple[Any, ...]] = []
         """Rows of ``runs``, complete once ``run`` returned."""
+        self.run_data: list[tuple[int, bytes]] = []
+        """Rows of ``run_data``, likewise."""
         self.framed: list[bytes] = []
         """The runs' records as the chain hashes them (``chain.frame``), in id order."""
         self.in_runs = 0
@@ -770,7 +774,8 @@ class _Encoding:
         """One run of ``entries``, its records from ``row_id`` on; the id after them."""
         lo, hi = entries[0][2], entries[-1][2]
         pid, cpid, data, framed = self.st.encoder.encode_run(entries, row_id)
-        self.runs.append((row_id, pid, cpid, len(entries), lo, hi, data))
+        self.runs.append((row_id, pid, cpid, len(entries), lo, hi))
+        self.run_data.append((row_id, data))
         self.framed.append(framed)
         span = self.span
         span[0], span[1] = min(span[0], lo), max(span[1], hi)

@@ -111,18 +111,19 @@ def test_changed_run_is_found(tmp_path: Path) -> None:
     store = tmp_path / "s"
     write(store, many(), True)
     assert problems(store) == ""
-    (first, data), = sql(store, "SELECT first_id, data FROM runs ORDER BY first_id LIMIT 1")[0]
+    (first, data), = sql(store, "SELECT first_id, data FROM run_data ORDER BY first_id LIMIT 1")[0]
     changed = msgspec.msgpack.decode(data)
     changed[0][4] += 1  # one copy's latency
     with sqlite3.connect(day_path(store, DAYS[0])) as c:
-        c.execute("UPDATE runs SET data = ? WHERE first_id = ?", (msgspec.msgpack.encode(changed), first))
+        c.execute("UPDATE run_data SET data = ? WHERE first_id = ?", (msgspec.msgpack.encode(changed), first))
     assert "hash mismatch" in problems(store)
 
 
 @pytest.mark.parametrize(("change", "found"), [
     ("UPDATE protos SET server_port = 54 WHERE id = (SELECT min(id) FROM protos)", "hash mismatch"),
     ("DELETE FROM protos", "cannot be decoded"),
-    ("UPDATE runs SET data = x'c1' WHERE first_id = (SELECT max(first_id) FROM runs)", "cannot be decoded"),
+    ("UPDATE run_data SET data = x'c1' WHERE first_id = (SELECT max(first_id) FROM runs)", "cannot be decoded"),
+    ("DELETE FROM run_data WHERE first_id = (SELECT min(first_id) FROM runs)", "cannot be decoded"),
     ("DELETE FROM runs WHERE first_id = (SELECT max(first_id) FROM runs)", "deleted"),
 ])
 def test_a_changed_prototype_or_a_removed_run_is_found(tmp_path: Path, change: str, found: str) -> None:
@@ -147,7 +148,7 @@ def test_writer_reopening_a_day_continues_after_its_runs(tmp_path: Path) -> None
 def test_a_file_without_runs_reads_and_takes_runs_later(tmp_path: Path) -> None:
     store = tmp_path / "s"
     write(store, many(30), False)
-    sql(store, "DROP TABLE runs", "DROP TABLE protos")  # as a format 1 file is
+    sql(store, "DROP TABLE runs", "DROP TABLE run_data", "DROP TABLE protos")  # as a format 1 file is
     assert problems(store) == ""
     before = as_json(query(store))
     assert len(before) == 40
