@@ -59,7 +59,7 @@ from typing import Any
 import msgspec
 
 from storage.records import Conn, Dns, Record
-from storage.schema import Copies, latest_copies
+from storage.schema import Copies, latest_of
 
 US = 1_000_000
 
@@ -263,7 +263,7 @@ class JoinSink:
         had been learnt in turn. Whatever reads or changes the table (a Conn, a record
         of the Python path, a release) first learns what is pending."""
         latest = self._unlearnt
-        latest_copies(copies.entries, latest)
+        latest_of(copies, latest)
         if latest and self._learn_timer is None:
             self._learn_timer = asyncio.get_running_loop().call_later(LEARN_DELAY_S, self._learn_copies)
         return self.writer.submit_copies(copies)  # type: ignore[no-any-return]

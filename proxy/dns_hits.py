@@ -1,8 +1,8 @@
 """The DNS shim's hit path: repeated questions answered and recorded without per-query Python.
 
 Owns: the answer table that the compiled loop (``proxy._dnshits``, C) serves from,
-the record templates behind it, the fixed-size hit records it leaves
-(``HIT_RECORD``) and their expansion back into ``Dns`` (and ``Alarm``) records.
+the record templates behind it, and the fixed-size hit records it leaves
+(``HIT_RECORD``, laid out by ``storage/hits.py``, which reads them back).
 Must not: decide anything. An answer enters the table only after the shim
 answered that very question (same bytes but the id) from that very client the
 full way, through the Engine, the cache and the record prototype memo of
@@ -14,9 +14,9 @@ Why: issue 5 asks for cache hits at dnsmasq's and unbound's rate with every
 query recorded. On a hit the Python path costs ~20 µs of CPU in the worker and
 ~3 µs more in the main process to decode its msgpack record; here a hit is a
 dict lookup and a share of one ``recvmmsg`` and one ``sendmmsg``, and its
-record crosses to the main process as 28 bytes. There it goes to the store as
-``storage.schema.Copies`` (template + the same five per-query fields the shim's
-memo replaces: ts, uid, client port, DNS id, latency), which the writer encodes
+record crosses to the main process as 28 bytes. There it goes to the store, still
+packed, as ``storage.schema.Copies`` (template + the same five per-query fields the
+shim's memo replaces: ts, uid, client port, DNS id, latency), which the writer encodes
 from the template's row: the store holds exactly the rows and chain bytes the
 Python path's records would have given, for a fraction of the CPU.
 
@@ -38,6 +38,7 @@ import struct
 from typing import Any, Protocol
 
 from storage.records import Alarm, Dns
+from storage.hits import HIT
 from storage.schema import Copies
 
 try:
@@ -47,7 +48,7 @@ except ImportError:  # built without a C compiler: the Python path serves alone
 
 ENABLED = _dnshits is not None and os.environ.get("LINEWARDEN_PURE_PYTHON", "") in ("", "0")
 
-HIT_RECORD = struct.Struct("<qQIHHI")
+HIT_RECORD = HIT
 """ts (µs since the epoch), uid sequence number, template, client port, DNS id, latency µs."""
 assert _dnshits is None or _dnshits.RECORD_SIZE == HIT_RECORD.size
 
@@ -90,22 +91,9 @@ def client_key(ip: str) -> bytes | None:
 
 
 def copies(records: bytes, templates: dict[int, Template]) -> Copies:
-    """Hit records as the store takes them: each its template's prototypes + its own values
-    (in C where it is built: the main process does this for every hit)."""
-    if _dnshits is not None and ENABLED:
-        return Copies(*_dnshits.expand(records, templates))
-    return Copies.of(expand(records, templates))
-
-
-def expand(records: bytes, templates: dict[int, Template]) -> list[tuple[Any, Any, int, str, int, int, int]]:
-    """``copies``' entries, in Python (``_dnshits.expand`` is the same in C, with the
-    other fields of the Copies)."""
-    entries: list[tuple[Any, Any, int, str, int, int, int]] = []
-    append = entries.append
-    for ts, seq, tid, port, dns_id, latency in HIT_RECORD.iter_unpack(records):
-        prefix, proto, alarm = templates[tid]
-        append((proto, alarm, ts, f"{prefix}{seq:x}", port, dns_id, latency))
-    return entries
+    """Hit records as the store takes them: each its template's prototypes + its own
+    values, kept packed (storage/hits.py)."""
+    return Copies.of_hits(records, templates)
 
 
 class FastHits:

@@ -5,6 +5,8 @@
  * group(lists) -> groups or None (see group() below: the writer's runs)
  * latest(entries, into) (see latest() below: the DNS join's latest copies)
  * frame(rows) -> bytes (see frame() below: storage/chain.py's batch framing)
+ * scan, expand, latest_hits, group_hits, run_hits: the same for the DNS hit path's
+ *   packed copies (storage/hits.py), read where they are (see below)
  *
  * `entries` are Copies.entries: (proto, companion, ts, uid, client_port, dns_id,
  * latency_us). `plans` maps id(proto) to a plan made by storage/schema.py
@@ -71,26 +73,8 @@ static int put_be(Buf *b, unsigned char tag, unsigned long long v, int n) {
     return put(b, tmp, 1 + n);
 }
 
-/* msgpack int, shortest form; -1 with an exception for a non-int or one over 64 bits. */
-static int put_int(Buf *b, PyObject *o) {
-    if (!PyLong_CheckExact(o)) {
-        PyErr_SetString(PyExc_TypeError, "not an int");
-        return -1;
-    }
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-    if (overflow > 0) {
-        unsigned long long u = PyLong_AsUnsignedLongLong(o);
-        if (u == (unsigned long long)-1 && PyErr_Occurred())
-            return -1;
-        return put_be(b, 0xcf, u, 8);
-    }
-    if (overflow < 0) {
-        PyErr_SetString(PyExc_OverflowError, "int below -2**63");
-        return -1;
-    }
-    if (v == -1 && PyErr_Occurred())
-        return -1;
+/* msgpack int, shortest form, as msgspec writes it. */
+static int put_ll(Buf *b, long long v) {
     if (v >= 0) {
         if (v < 128) {
             char c = (char)v;
@@ -117,15 +101,31 @@ static int put_int(Buf *b, PyObject *o) {
     return put_be(b, 0xd3, (unsigned long long)v, 8);
 }
 
-static int put_str(Buf *b, PyObject *o) {
-    if (!PyUnicode_CheckExact(o)) {
-        PyErr_SetString(PyExc_TypeError, "not a str");
+/* msgpack int, shortest form; -1 with an exception for a non-int or one over 64 bits. */
+static int put_int(Buf *b, PyObject *o) {
+    if (!PyLong_CheckExact(o)) {
+        PyErr_SetString(PyExc_TypeError, "not an int");
         return -1;
     }
-    Py_ssize_t n;
-    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
-    if (s == NULL)
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        return put_be(b, 0xcf, u, 8);
+    }
+    if (overflow < 0) {
+        PyErr_SetString(PyExc_OverflowError, "int below -2**63");
         return -1;
+    }
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    return put_ll(b, v);
+}
+
+/* msgpack str of `n` bytes of UTF-8. */
+static int put_utf8(Buf *b, const char *s, Py_ssize_t n) {
     int r;
     if (n < 32) {
         char c = (char)(0xa0 | n);
@@ -138,6 +138,18 @@ static int put_str(Buf *b, PyObject *o) {
         r = put_be(b, 0xdb, (unsigned long long)n, 4);
     }
     return r < 0 ? -1 : put(b, s, n);
+}
+
+static int put_str(Buf *b, PyObject *o) {
+    if (!PyUnicode_CheckExact(o)) {
+        PyErr_SetString(PyExc_TypeError, "not a str");
+        return -1;
+    }
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (s == NULL)
+        return -1;
+    return put_utf8(b, s, n);
 }
 
 static PyObject *take(Buf *b) {
@@ -299,6 +311,16 @@ static int put_array_head(Buf *b, Py_ssize_t n) {
     return put_be(b, 0xdd, (unsigned long long)n, 4);
 }
 
+/* The 4-byte big-endian length before the row written after `mark` (chain.frame). */
+static void patch_length(Buf *f, Py_ssize_t mark) {
+    unsigned long long len = (unsigned long long)(f->n - mark - 4);
+    unsigned char *p = (unsigned char *)f->p + mark;
+    p[0] = (unsigned char)(len >> 24);
+    p[1] = (unsigned char)(len >> 16);
+    p[2] = (unsigned char)(len >> 8);
+    p[3] = (unsigned char)len;
+}
+
 /* run(entries, plans) -> (data, framed) or None
  *
  * The copies of one prototype (and companion) as a run (storage/runs.py): its
@@ -345,12 +367,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
                 goto python;
             if (got < 0)
                 goto fail;
-            unsigned long long len = (unsigned long long)(f.n - at - 4);
-            unsigned char *p = (unsigned char *)f.p + at;
-            p[0] = (unsigned char)(len >> 24);
-            p[1] = (unsigned char)(len >> 16);
-            p[2] = (unsigned char)(len >> 8);
-            p[3] = (unsigned char)len;
+            patch_length(&f, at);
         }
         /* The entry's tail as msgspec writes a 5-tuple; the values were written above. */
         char head = (char)0x95;
@@ -502,12 +519,552 @@ static PyObject *frame(PyObject *self, PyObject *arg) {
     return out;
 }
 
+/* --- The DNS hit path's packed copies (storage/hits.py) -------------------------------
+ *
+ * A hit record is HIT_SIZE bytes, little-endian: ts i64, uid sequence number u64,
+ * template u32, client_port u16, dns_id u16, latency_us u32. `templates` and `tmap`
+ * map a template number to (uid prefix, proto, companion); an entry's uid is the
+ * prefix + the sequence number in lower-case hex. The main process keeps the
+ * workers' hit records as they came (a channel frame's bytes and the templates it
+ * names) and these functions read them there, so that a hit costs no Python object
+ * of its own between the channel and the store. */
+#define HIT_SIZE 28
+
+static unsigned long long le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* The template numbered `tid` in `templates` (borrowed), checked for its shape. */
+static PyObject *template_at(PyObject *templates, unsigned long tid) {
+    PyObject *key = PyLong_FromUnsignedLong(tid);
+    if (key == NULL)
+        return NULL;
+    PyObject *t = PyDict_GetItemWithError(templates, key);
+    if (t == NULL && !PyErr_Occurred())
+        PyErr_SetObject(PyExc_KeyError, key);
+    Py_DECREF(key);
+    if (t != NULL && (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 3 ||
+                      !PyUnicode_CheckExact(PyTuple_GET_ITEM(t, 0)))) {
+        PyErr_SetString(PyExc_TypeError, "a template is (prefix, proto, companion)");
+        return NULL;
+    }
+    return t;
+}
+
+static int hit_records(PyObject *records, const unsigned char **p, Py_ssize_t *n) {
+    if (!PyBytes_CheckExact(records) || PyBytes_GET_SIZE(records) % HIT_SIZE != 0) {
+        PyErr_SetString(PyExc_ValueError, "hit records are bytes, a multiple of 28 long");
+        return -1;
+    }
+    *p = (const unsigned char *)PyBytes_AS_STRING(records);
+    *n = PyBytes_GET_SIZE(records) / HIT_SIZE;
+    return 0;
+}
+
+/* prefix + hex(seq) into `uid` (at least plen + 17 bytes); its length. */
+static Py_ssize_t uid_of(char *uid, const char *prefix, Py_ssize_t plen, unsigned long long seq) {
+    memcpy(uid, prefix, (size_t)plen);
+    return plen + snprintf(uid + plen, 17, "%llx", seq);
+}
+
+#define UID_MAX 128
+
+/* The entry (proto, companion, ts, uid, client_port, dns_id, latency_us) of the
+ * hit record at `p` under template `t`. */
+static PyObject *entry_of(PyObject *t, const unsigned char *p) {
+    Py_ssize_t plen;
+    const char *prefix = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 0), &plen);
+    if (prefix == NULL)
+        return NULL;
+    if (plen > UID_MAX - 17) {
+        PyErr_SetString(PyExc_ValueError, "uid prefix too long");
+        return NULL;
+    }
+    char uid[UID_MAX];
+    Py_ssize_t ulen = uid_of(uid, prefix, plen, le(p + 8, 8));
+    PyObject *e = PyTuple_New(7);
+    if (e == NULL)
+        return NULL;
+    PyObject *vals[7] = {PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2),
+                         PyLong_FromLongLong((long long)le(p, 8)),
+                         PyUnicode_FromStringAndSize(uid, ulen),
+                         PyLong_FromLong((long)le(p + 20, 2)), PyLong_FromLong((long)le(p + 22, 2)),
+                         PyLong_FromUnsignedLong((unsigned long)le(p + 24, 4))};
+    Py_INCREF(vals[0]);
+    Py_INCREF(vals[1]);
+    int ok = 1;
+    for (int k = 0; k < 7; k++) {
+        ok &= vals[k] != NULL;
+        PyTuple_SET_ITEM(e, k, vals[k]);
+    }
+    if (!ok) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    return e;
+}
+
+/* scan(records, templates) -> (tmap, count, lo, hi): the templates the hit records
+ * name (a number missing from `templates` raises KeyError), the records they stand
+ * for (a companion is one more), the least and greatest ts (0 and 0 for none). */
+static PyObject *scan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *records, *templates;
+    if (!PyArg_ParseTuple(args, "OO!", &records, &PyDict_Type, &templates))
+        return NULL;
+    const unsigned char *p;
+    Py_ssize_t n;
+    if (hit_records(records, &p, &n) < 0)
+        return NULL;
+    PyObject *tmap = PyDict_New();
+    if (tmap == NULL)
+        return NULL;
+    long long lo = 0, hi = 0;
+    Py_ssize_t count = n;
+    unsigned long last = 0;
+    PyObject *t = NULL; /* borrowed */
+    for (Py_ssize_t i = 0; i < n; i++, p += HIT_SIZE) {
+        unsigned long tid = (unsigned long)le(p + 16, 4);
+        if (t == NULL || tid != last) {
+            PyObject *key = PyLong_FromUnsignedLong(tid);
+            if (key == NULL)
+                goto fail;
+            t = PyDict_GetItemWithError(tmap, key);
+            if (t == NULL && !PyErr_Occurred()) {
+                t = template_at(templates, tid);
+                if (t != NULL && PyDict_SetItem(tmap, key, t) < 0)
+                    t = NULL;
+            }
+            Py_DECREF(key);
+            if (t == NULL)
+                goto fail;
+            last = tid;
+        }
+        long long ts = (long long)le(p, 8);
+        lo = (i == 0 || ts < lo) ? ts : lo;
+        hi = (i == 0 || ts > hi) ? ts : hi;
+        count += PyTuple_GET_ITEM(t, 2) != Py_None;
+    }
+    return Py_BuildValue("(NnLL)", tmap, count, lo, hi);
+fail:
+    Py_DECREF(tmap);
+    return NULL;
+}
+
+/* expand(records, tmap) -> entries: the Copies entries of the hit records, in order. */
+static PyObject *expand(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *records, *tmap;
+    if (!PyArg_ParseTuple(args, "OO!", &records, &PyDict_Type, &tmap))
+        return NULL;
+    const unsigned char *p;
+    Py_ssize_t n;
+    if (hit_records(records, &p, &n) < 0)
+        return NULL;
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    unsigned long last = 0;
+    PyObject *t = NULL;
+    for (Py_ssize_t i = 0; i < n; i++, p += HIT_SIZE) {
+        unsigned long tid = (unsigned long)le(p + 16, 4);
+        if (t == NULL || tid != last) {
+            if ((t = template_at(tmap, tid)) == NULL)
+                goto fail;
+            last = tid;
+        }
+        PyObject *e = entry_of(t, p);
+        if (e == NULL)
+            goto fail;
+        PyList_SET_ITEM(out, i, e);
+    }
+    return out;
+fail:
+    Py_DECREF(out); /* unset items are NULL, which the list's dealloc skips */
+    return NULL;
+}
+
+/* A set of template numbers (open addressing; numbers are stored plus one, 0 is empty). */
+typedef struct {
+    unsigned long long *slot;
+    int *val;
+    size_t mask;
+} TidSet;
+
+static int tidset_init(TidSet *s, Py_ssize_t n) {
+    size_t cap = 16;
+    while (cap < (size_t)n * 2 + 2)
+        cap *= 2;
+    s->slot = PyMem_Calloc(cap, sizeof *s->slot);
+    s->val = PyMem_Malloc(cap * sizeof *s->val);
+    s->mask = cap - 1;
+    if (s->slot == NULL || s->val == NULL) {
+        PyMem_Free(s->slot);
+        PyMem_Free(s->val);
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* The slot of `tid`: *fresh is 1 where it was not there (and is now). */
+static size_t tidset_put(TidSet *s, unsigned long tid, int *fresh) {
+    unsigned long long key = (unsigned long long)tid + 1;
+    size_t i = (size_t)(key * 0x9E3779B97F4A7C15ULL >> 20) & s->mask;
+    while (s->slot[i] != 0 && s->slot[i] != key)
+        i = (i + 1) & s->mask;
+    *fresh = s->slot[i] == 0;
+    s->slot[i] = key;
+    return i;
+}
+
+static void tidset_free(TidSet *s) {
+    PyMem_Free(s->slot);
+    PyMem_Free(s->val);
+}
+
+/* latest(records, tmap, into) -> None: what latest(expand(records, tmap), into) does
+ * (each entry moved to the end of `into` under id(its prototype)), with an entry made
+ * only for each template's last record. */
+static PyObject *latest_hits(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *records, *tmap, *into;
+    if (!PyArg_ParseTuple(args, "OO!O!", &records, &PyDict_Type, &tmap, &PyDict_Type, &into))
+        return NULL;
+    const unsigned char *p;
+    Py_ssize_t n;
+    if (hit_records(records, &p, &n) < 0)
+        return NULL;
+    TidSet seen;
+    Py_ssize_t *last = PyMem_Malloc(((size_t)n + 1) * sizeof *last), m = 0;
+    if (last == NULL)
+        return PyErr_NoMemory();
+    if (tidset_init(&seen, n) < 0) {
+        PyMem_Free(last);
+        return NULL;
+    }
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        int fresh;
+        tidset_put(&seen, (unsigned long)le(p + i * HIT_SIZE + 16, 4), &fresh);
+        if (fresh)
+            last[m++] = i;
+    }
+    tidset_free(&seen);
+    for (Py_ssize_t j = m - 1; j >= 0; j--) { /* the latest records in their order */
+        const unsigned char *r = p + last[j] * HIT_SIZE;
+        PyObject *t = template_at(tmap, (unsigned long)le(r + 16, 4));
+        PyObject *e = t ? entry_of(t, r) : NULL;
+        PyObject *key = e ? PyLong_FromVoidPtr(PyTuple_GET_ITEM(t, 1)) : NULL;
+        int ok = key != NULL;
+        if (ok) {
+            int has = PyDict_Contains(into, key);
+            ok = has >= 0 && (has == 0 || PyDict_DelItem(into, key) == 0) &&
+                 PyDict_SetItem(into, key, e) == 0;
+        }
+        Py_XDECREF(key);
+        Py_XDECREF(e);
+        if (!ok) {
+            PyMem_Free(last);
+            return NULL;
+        }
+    }
+    PyMem_Free(last);
+    Py_RETURN_NONE;
+}
+
+/* The records of one prototype (and companion) across a batch's packs. */
+typedef struct {
+    PyObject *proto, *companion; /* borrowed from the packs' tmaps */
+    unsigned int *at;            /* (pack, record) pairs, in the packs' order */
+    Py_ssize_t n, cap;
+} HitGroup;
+
+static int group_add(HitGroup *g, unsigned int pack, unsigned int rec) {
+    if (g->n == g->cap) {
+        Py_ssize_t cap = g->cap ? g->cap * 2 : 8;
+        unsigned int *at = PyMem_Realloc(g->at, (size_t)cap * 2 * sizeof *at);
+        if (at == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        g->at = at;
+        g->cap = cap;
+    }
+    g->at[2 * g->n] = pack;
+    g->at[2 * g->n + 1] = rec;
+    g->n++;
+    return 0;
+}
+
+/* group_hits(packs) -> [(proto, companion, at), ...] or None: the records of the packs
+ * (a list of (records, tmap)) grouped by prototype in order of first appearance, each
+ * group's `at` the (pack, record) pairs of its records in order, as native unsigned
+ * ints. None where Python must group: copies of one prototype with different
+ * companions. */
+static PyObject *group_hits(PyObject *self, PyObject *packs) {
+    (void)self;
+    if (!PyList_CheckExact(packs)) {
+        PyErr_SetString(PyExc_TypeError, "group_hits() takes a list of (records, tmap)");
+        return NULL;
+    }
+    HitGroup *groups = NULL;
+    Py_ssize_t ngroups = 0, capgroups = 0;
+    PyObject *index = PyDict_New(), *out = NULL; /* id(proto) -> group number */
+    if (index == NULL)
+        return NULL;
+    int python = 0;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(packs) && !python; j++) {
+        PyObject *pk = PyList_GET_ITEM(packs, j), *tmap;
+        if (!PyTuple_CheckExact(pk) || PyTuple_GET_SIZE(pk) != 2 ||
+            !PyDict_CheckExact(tmap = PyTuple_GET_ITEM(pk, 1))) {
+            PyErr_SetString(PyExc_TypeError, "a pack is (records, tmap)");
+            goto fail;
+        }
+        const unsigned char *p;
+        Py_ssize_t n;
+        if (hit_records(PyTuple_GET_ITEM(pk, 0), &p, &n) < 0)
+            goto fail;
+        TidSet tids; /* template number -> group number, for this pack */
+        if (tidset_init(&tids, n) < 0)
+            goto fail;
+        for (Py_ssize_t i = 0; i < n; i++, p += HIT_SIZE) {
+            unsigned long tid = (unsigned long)le(p + 16, 4);
+            int fresh;
+            size_t s = tidset_put(&tids, tid, &fresh);
+            if (fresh) {
+                PyObject *t = template_at(tmap, tid), *key = NULL, *g = NULL;
+                if (t == NULL || (key = PyLong_FromVoidPtr(PyTuple_GET_ITEM(t, 1))) == NULL)
+                    goto fail_tids;
+                g = PyDict_GetItemWithError(index, key);
+                if (g == NULL && PyErr_Occurred()) {
+                    Py_DECREF(key);
+                    goto fail_tids;
+                }
+                if (g == NULL) {
+                    if (ngroups == capgroups) {
+                        Py_ssize_t cap = capgroups ? capgroups * 2 : 64;
+                        HitGroup *more = PyMem_Realloc(groups, (size_t)cap * sizeof *more);
+                        if (more == NULL) {
+                            Py_DECREF(key);
+                            PyErr_NoMemory();
+                            goto fail_tids;
+                        }
+                        groups = more;
+                        capgroups = cap;
+                    }
+                    groups[ngroups] = (HitGroup){PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2), NULL, 0, 0};
+                    PyObject *num = PyLong_FromSsize_t(ngroups);
+                    int bad = num == NULL || PyDict_SetItem(index, key, num) < 0;
+                    Py_XDECREF(num);
+                    Py_DECREF(key);
+                    if (bad)
+                        goto fail_tids;
+                    tids.val[s] = (int)ngroups++;
+                } else {
+                    Py_DECREF(key);
+                    tids.val[s] = (int)PyLong_AsLong(g);
+                    if (groups[tids.val[s]].companion != PyTuple_GET_ITEM(t, 2)) {
+                        python = 1;
+                        break;
+                    }
+                }
+            }
+            if (group_add(&groups[tids.val[s]], (unsigned int)j, (unsigned int)i) < 0)
+                goto fail_tids;
+        }
+        tidset_free(&tids);
+        continue;
+    fail_tids:
+        tidset_free(&tids);
+        goto fail;
+    }
+    if (python) {
+        out = Py_NewRef(Py_None);
+    } else if ((out = PyList_New(ngroups)) != NULL) {
+        for (Py_ssize_t k = 0; k < ngroups; k++) {
+            HitGroup *g = &groups[k];
+            PyObject *item = Py_BuildValue("(OOy#)", g->proto, g->companion, (const char *)g->at,
+                                           (Py_ssize_t)(g->n * 2 * sizeof *g->at));
+            if (item == NULL) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, k, item);
+        }
+    }
+    goto done;
+fail:
+    out = NULL;
+done:
+    for (Py_ssize_t k = 0; k < ngroups; k++)
+        PyMem_Free(groups[k].at);
+    PyMem_Free(groups);
+    Py_DECREF(index);
+    return out;
+}
+
+/* segs[0] v[0] segs[1] ... v[n-1] segs[n] with v = (ts, uid, client_port, dns_id,
+ * latency_us) of a hit: put_spliced for raw values. */
+static int put_spliced_hit(Buf *b, PyObject *segs, const long long *v, const char *uid,
+                           Py_ssize_t ulen, int n) {
+    for (int k = 0; k < n; k++) {
+        if (put_bytes(b, PyTuple_GET_ITEM(segs, k)) < 0)
+            return -1;
+        if ((k == 1 ? put_utf8(b, uid, ulen) : put_ll(b, v[k])) < 0)
+            return -1;
+    }
+    return put_bytes(b, PyTuple_GET_ITEM(segs, n));
+}
+
+typedef struct {
+    long long ts;
+    Py_ssize_t k;
+} TsAt;
+
+static int by_ts(const void *a, const void *b) {
+    const TsAt *x = a, *y = b;
+    if (x->ts != y->ts)
+        return x->ts < y->ts ? -1 : 1;
+    return x->k < y->k ? -1 : x->k > y->k;
+}
+
+/* run_hits(packs, at, plans) -> (data, framed, n, lo, hi) or None: run() for one
+ * group of group_hits() (its `at`), the records in ts order (ties in their order).
+ * None where there is no plan for the group's prototype (Python's turn). */
+static PyObject *run_hits(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *packs, *plans;
+    Py_buffer at;
+    if (!PyArg_ParseTuple(args, "O!y*O!", &PyList_Type, &packs, &at, &PyDict_Type, &plans))
+        return NULL;
+    const unsigned int *pairs = at.buf;
+    Py_ssize_t n = at.len / (Py_ssize_t)(2 * sizeof *pairs), npacks = PyList_GET_SIZE(packs);
+    TsAt *order = NULL;
+    Buf f = {NULL, 0, 0}, d = {NULL, 0, 0};
+    PyObject *out = NULL;
+    const unsigned char **base = PyMem_Calloc((size_t)npacks + 1, sizeof *base);
+    if (n == 0 || base == NULL) {
+        if (base == NULL)
+            PyErr_NoMemory();
+        else
+            out = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t *sizes = PyMem_Calloc((size_t)npacks + 1, sizeof *sizes);
+    if (sizes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < npacks; j++) {
+        PyObject *pk = PyList_GET_ITEM(packs, j);
+        if (!PyTuple_CheckExact(pk) || PyTuple_GET_SIZE(pk) != 2 ||
+            !PyDict_CheckExact(PyTuple_GET_ITEM(pk, 1)) ||
+            hit_records(PyTuple_GET_ITEM(pk, 0), &base[j], &sizes[j]) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "a pack is (records, tmap)");
+            PyMem_Free(sizes);
+            goto done;
+        }
+    }
+    order = PyMem_Malloc((size_t)n * sizeof *order);
+    if (order == NULL) {
+        PyMem_Free(sizes);
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        unsigned int j = pairs[2 * k], i = pairs[2 * k + 1];
+        if ((Py_ssize_t)j >= npacks || (Py_ssize_t)i >= sizes[j]) {
+            PyMem_Free(sizes);
+            PyErr_SetString(PyExc_IndexError, "a record outside the packs");
+            goto done;
+        }
+        order[k] = (TsAt){(long long)le(base[j] + (size_t)i * HIT_SIZE, 8), k};
+    }
+    PyMem_Free(sizes);
+    qsort(order, (size_t)n, sizeof *order, by_ts);
+    /* The group's prototype, from its first record's template. */
+    unsigned int j0 = pairs[0];
+    PyObject *t0 = template_at(PyTuple_GET_ITEM(PyList_GET_ITEM(packs, j0), 1),
+                               (unsigned long)le(base[j0] + (size_t)pairs[1] * HIT_SIZE + 16, 4));
+    if (t0 == NULL)
+        goto done;
+    PyObject *plan = NULL;
+    int got_plan = plan_of(plans, PyTuple_GET_ITEM(t0, 1), PyTuple_GET_ITEM(t0, 2), &plan);
+    if (got_plan <= 0) {
+        out = got_plan < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *segs = PyTuple_GET_ITEM(plan, 3), *comp = PyTuple_GET_ITEM(plan, 5);
+    if (put_array_head(&d, n) < 0)
+        goto done;
+    unsigned int last_j = (unsigned int)-1;
+    unsigned long last_tid = 0;
+    const char *prefix = NULL;
+    Py_ssize_t plen = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        unsigned int j = pairs[2 * order[k].k];
+        const unsigned char *r = base[j] + (size_t)pairs[2 * order[k].k + 1] * HIT_SIZE;
+        unsigned long tid = (unsigned long)le(r + 16, 4);
+        if (prefix == NULL || j != last_j || tid != last_tid) {
+            PyObject *t = template_at(PyTuple_GET_ITEM(PyList_GET_ITEM(packs, j), 1), tid);
+            if (t == NULL || (prefix = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 0), &plen)) == NULL)
+                goto done;
+            if (PyTuple_GET_ITEM(t, 1) != PyTuple_GET_ITEM(t0, 1) ||
+                PyTuple_GET_ITEM(t, 2) != PyTuple_GET_ITEM(t0, 2)) {
+                PyErr_SetString(PyExc_ValueError, "a group's records name another prototype");
+                goto done;
+            }
+            if (plen > UID_MAX - 17) {
+                PyErr_SetString(PyExc_ValueError, "uid prefix too long");
+                goto done;
+            }
+            last_j = j;
+            last_tid = tid;
+        }
+        char uid[UID_MAX];
+        Py_ssize_t ulen = uid_of(uid, prefix, plen, le(r + 8, 8));
+        long long v[5] = {order[k].ts, 0, (long long)le(r + 20, 2), (long long)le(r + 22, 2),
+                          (long long)le(r + 24, 4)};
+        for (int part = 0; part < (comp != Py_None ? 2 : 1); part++) {
+            Py_ssize_t mark = f.n;
+            if (put(&f, "\0\0\0\0", 4) < 0 ||
+                put_spliced_hit(&f, part == 0 ? segs : PyTuple_GET_ITEM(comp, 1), v, uid, ulen,
+                                part == 0 ? 5 : 3) < 0)
+                goto done;
+            patch_length(&f, mark);
+        }
+        char head = (char)0x95;
+        if (put(&d, &head, 1) < 0)
+            goto done;
+        for (int q = 0; q < 5; q++)
+            if ((q == 1 ? put_utf8(&d, uid, ulen) : put_ll(&d, v[q])) < 0)
+                goto done;
+    }
+    out = Py_BuildValue("(y#y#nLL)", d.p, d.n, f.p, f.n, n, order[0].ts, order[n - 1].ts);
+done:
+    PyMem_Free(order);
+    PyMem_Free(base);
+    PyMem_Free(f.p);
+    PyMem_Free(d.p);
+    PyBuffer_Release(&at);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"latest", latest, METH_VARARGS, "latest(entries, into): each entry moved to the end of into"},
     {"group", group, METH_O, "group(lists) -> entries grouped by prototype, or None"},
     {"frame", frame, METH_O, "frame(rows) -> each row after its length (4 bytes, big-endian)"},
     {"rows", rows, METH_VARARGS, "rows(entries, start, plans, row_id, logical) -> (rows, stop)"},
     {"run", run, METH_VARARGS, "run(entries, plans) -> (data, framed) or None"},
+    {"scan", scan, METH_VARARGS, "scan(records, templates) -> (tmap, count, lo, hi)"},
+    {"expand", expand, METH_VARARGS, "expand(records, tmap) -> entries"},
+    {"latest_hits", latest_hits, METH_VARARGS, "latest_hits(records, tmap, into): latest(expand(...), into)"},
+    {"group_hits", group_hits, METH_O, "group_hits(packs) -> [(proto, companion, at)] or None"},
+    {"run_hits", run_hits, METH_VARARGS, "run_hits(packs, at, plans) -> (data, framed, n, lo, hi) or None"},
     {NULL, NULL, 0, NULL},
 };
 

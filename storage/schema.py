@@ -37,7 +37,9 @@ import msgspec
 from struct import error as struct_error
 
 from storage.chain import frame
+from storage import hits
 from storage.communityid import community_id
+from storage.hits import Template
 from storage.records import RECORD_TYPES, Action, Record
 
 try:
@@ -526,6 +528,21 @@ class RowEncoder:
             got = (_enc.encode([e[2:] for e in entries]), frame(logical))
         return (*self._proto_ids(proto, companion), *got)
 
+    def encode_hit_run(self, packs: list[tuple[bytes, dict[int, Template]]], at: bytes, proto: Record,
+                       companion: Record | None) -> tuple[int, int | None, bytes, bytes, int, int, int] | None:
+        """``encode_run`` of one group of ``group_hits`` (copies kept packed), in C:
+        (protos ids, data, framed, copies, least ts, greatest ts); None where C cannot
+        (the group's entries then take ``encode_run``)."""
+        if _copies is None:
+            return None
+        plan = self._cplans.get(id(proto))
+        if plan is None or plan[0] is not proto or plan[1] is not companion:
+            self._c_plan(proto, companion)
+        got = _copies.run_hits(packs, at, self._cplans)
+        if got is None:
+            return None
+        return (*self._proto_ids(proto, companion), *got)
+
     def _proto_ids(self, proto: Record, companion: Record | None) -> tuple[int, int | None]:
         got = self._protos.get(id(proto))
         if got is None or got[0] is not proto or got[1] is not companion:
@@ -681,7 +698,7 @@ def _cut(whole: Any, values: list[Any], at: Any) -> tuple[bytes, ...] | None:
     return tuple(pieces)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Copies:
     """Records given as prototypes and per-copy values: the DNS hit path's records.
 
@@ -690,14 +707,39 @@ class Copies:
     None, by ``companion`` with ``ts``, ``uid`` and ``client_port`` replaced. The writer
     queues a ``Copies`` as the ``count`` records it stands for and encodes it from each
     prototype's row (``RowEncoder.encode_copies``), the rows and chain bytes being exactly
-    those of the expanded records."""
+    those of the expanded records.
 
-    entries: list[tuple[Any, Any, int, str, int, int, int]]
+    The hit path gives its entries packed (``packed``: a channel frame's hit records and
+    the templates they name, storage/hits.py); ``entries`` makes them from there the
+    first time something reads them."""
+
+    listed: list[tuple[Any, Any, int, str, int, int, int]] | None
+    """The entries, or None until made from ``packed``."""
     count: int
     lo: int
     """Least ``ts`` of the entries (the writer routes and spans batches by it)."""
     hi: int
     """Greatest ``ts`` of the entries."""
+    packed: tuple[bytes, dict[int, Template]] | None = None
+    """(hit records, their templates by number), for ``storage.hits`` and the C that
+    reads them in place; None for entries given as a list."""
+
+    @classmethod
+    def of_hits(cls, records: bytes, templates: dict[int, Template]) -> Copies:
+        """Copies of the hit records ``records`` (storage/hits.py), kept packed."""
+        tmap, count, lo, hi = (_copies or hits).scan(records, templates)
+        return cls(None, count, lo, hi, (records, tmap))
+
+    @property
+    def entries(self) -> list[tuple[Any, Any, int, str, int, int, int]]:
+        if self.listed is None:
+            assert self.packed is not None
+            self.listed = (_copies or hits).expand(*self.packed)
+        return self.listed
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Copies and (self.count, self.lo, self.hi, self.entries) == (
+            other.count, other.lo, other.hi, other.entries)
 
     @classmethod
     def of(cls, entries: list[tuple[Any, Any, int, str, int, int, int]]) -> Copies:
@@ -726,6 +768,14 @@ class Copies:
         return {d: Copies.of(es) for d, es in groups.items()}
 
 
+def latest_of(copies: Copies, into: dict[int, tuple[Any, ...]]) -> None:
+    """``latest_copies`` of ``copies``' entries, without making them where they are packed."""
+    if copies.packed is not None and copies.listed is None:
+        (_copies.latest_hits if _copies is not None else hits.latest)(*copies.packed, into)
+    else:
+        latest_copies(copies.entries, into)
+
+
 def latest_copies(entries: list[tuple[Any, ...]], into: dict[int, tuple[Any, ...]]) -> None:
     """Each of ``entries`` moved to the end of ``into`` under id(its prototype): ``into``
     then holds each prototype's latest copy, in the order of those latest copies (in C
@@ -738,6 +788,17 @@ def latest_copies(entries: list[tuple[Any, ...]], into: dict[int, tuple[Any, ...
         if k in into:
             del into[k]
         into[k] = e
+
+
+def group_hits(copies: list[Copies]) -> tuple[list[tuple[bytes, dict[int, Template]]], list[tuple[Any, Any, bytes]]] | None:
+    """``by_prototype`` for copies all kept packed, without making their entries: (the
+    packs, [(proto, companion, the (pack, record) pairs of its copies), ...]); None
+    where C is not built, a copy is not packed, or one prototype has two companions."""
+    if _copies is None or any(c.packed is None for c in copies):
+        return None
+    packs = [c.packed for c in copies]
+    got = _copies.group_hits(packs)
+    return None if got is None else (packs, got)  # type: ignore[return-value]
 
 
 def by_prototype(copies: list[Copies]) -> list[list[tuple[Any, ...]]]:

@@ -65,6 +65,7 @@ from storage.partitions import (
 )
 from storage.records import Alarm, Maintenance, Record
 from storage.retention import deletable, disk_status, expired_days, remove_day
+from storage import hits
 from storage.schema import (
     COLUMNS,
     INSERT_BATCH,
@@ -77,6 +78,7 @@ from storage.schema import (
     RowEncoder,
     by_prototype,
     chunk_plan,
+    group_hits,
     current_layouts,
     insert_statements,
     make_layout,
@@ -692,6 +694,17 @@ class RecordWriter:
         return await self._loop.run_in_executor(self._pool, fn, *args)
 
 
+@dataclass(slots=True)
+class _HitGroup:
+    """One prototype's copies among a batch's packed copies (``schema.group_hits``)."""
+
+    packs: list[tuple[bytes, dict[int, Any]]]
+    proto: Record
+    companion: Record | None
+    at: bytes
+    """Its copies' (pack, record) pairs, as native unsigned ints."""
+
+
 class _Encoding:
     """The encoder thread's part of one transaction: which copies become runs
     (storage/runs.py) and so how many ``rec`` rows there are (``planned``), those rows in
@@ -752,34 +765,51 @@ class _Encoding:
         count = len(self.logical) + self.in_runs
         return batch_hash_framed(self.st.head, self.st.next_batch, self.first, framed, count), count
 
-    def _arrange(self) -> list[list[tuple[Any, ...]]]:
+    def _arrange(self) -> list[Any]:
         """Take the copies that can be runs out of ``recs``: grouped by prototype (and
-        companion), each group in ts order. The rest stays in ``recs`` as rows."""
+        companion), each group in ts order (or, for copies kept packed, a ``_HitGroup``
+        that C puts in ts order). The rest stays in ``recs`` as rows."""
         copies = [r for r in self.recs if type(r) is Copies]
         if not self.RUNS or not copies:
             return []
         recs = [r for r in self.recs if type(r) is not Copies]
         runnable = self.st.encoder.runnable
-        groups = []
-        for g in by_prototype(copies):  # type: ignore[arg-type]
-            if runnable(g[0][0], g[0][1]):
-                g.sort(key=_TS)
-                groups.append(g)
-            else:
-                recs.append(Copies.of(g))
+        groups: list[Any] = []
+        packed = group_hits(copies)  # type: ignore[arg-type]
+        if packed is not None:
+            packs, found = packed
+            for proto, companion, at in found:
+                if runnable(proto, companion):
+                    groups.append(_HitGroup(packs, proto, companion, at))
+                else:
+                    recs.append(Copies.of(hits.entries_at(packs, at)))
+        else:
+            for g in by_prototype(copies):  # type: ignore[arg-type]
+                if runnable(g[0][0], g[0][1]):
+                    g.sort(key=_TS)
+                    groups.append(g)
+                else:
+                    recs.append(Copies.of(g))
         self.recs = recs
         return groups
 
-    def _run(self, entries: list[tuple[Any, ...]], row_id: int) -> int:
-        """One run of ``entries``, its records from ``row_id`` on; the id after them."""
-        lo, hi = entries[0][2], entries[-1][2]
-        pid, cpid, data, framed = self.st.encoder.encode_run(entries, row_id)
-        self.runs.append((row_id, pid, cpid, len(entries), lo, hi))
+    def _run(self, group: Any, row_id: int) -> int:
+        """One run of ``group``'s copies, their records from ``row_id`` on; the id after them."""
+        got = None
+        if type(group) is _HitGroup:
+            got = self.st.encoder.encode_hit_run(group.packs, group.at, group.proto, group.companion)
+            if got is None:  # C could not: the entries, as for copies given as a list
+                group = sorted(hits.entries_at(group.packs, group.at), key=_TS)
+        if got is None:
+            lo, hi = group[0][2], group[-1][2]
+            got = (*self.st.encoder.encode_run(group, row_id), len(group), lo, hi)
+        pid, cpid, data, framed, n, lo, hi = got
+        self.runs.append((row_id, pid, cpid, n, lo, hi))
         self.run_data.append((row_id, data))
         self.framed.append(framed)
         span = self.span
         span[0], span[1] = min(span[0], lo), max(span[1], hi)
-        return row_id + len(entries) * (1 if cpid is None else 2)
+        return row_id + n * (1 if cpid is None else 2)
 
     def chunks(self, count: int) -> Iterator[list[Any]]:
         """The next ``count`` chunks, flat (the SQL thread's side)."""

@@ -27,7 +27,6 @@ from proxy.identity import Identity
 from rules.engine import Engine
 from storage.config import StoreConfig
 from storage.records import Alarm, Dns
-from storage.schema import Copies
 from storage.writer import RecordWriter
 from tests.proxy.test_dns_shim import Zone, cfg, dns_records, exchange, make_query, read_store, write_rules
 
@@ -335,30 +334,6 @@ async def test_template_numbers_wrap_without_renaming_earlier_hits(
     assert [r.dns_id for r in recs] == list(range(1, qid + 1))
     asked = [n for _ in range(3) for n in names for _ in range(3)]
     assert [r.qname for r in recs] == asked
-
-
-_HIT_FIELDS = st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**64 - 1), st.sampled_from([0, 5, 2**32 - 1]),
-                        st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1))
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_HIT_FIELDS, max_size=40), st.sampled_from(["", "D1a2b.", "ü-"]))
-def test_compiled_expand_equals_python(hits: list[tuple[int, ...]], prefix: str) -> None:
-    """``_dnshits.expand`` (the main process's per-hit step) gives ``expand``'s entries,
-    the very prototype objects included; an unknown template is a KeyError in both."""
-    proto = Dns(ts=0, qname="a.test")
-    alarm = Alarm(ts=0, alarm_kind="illegal_content")
-    templates: dict[int, dns_hits.Template] = {0: (prefix, proto, None), 5: ("x", proto, alarm),
-                                               2**32 - 1: (prefix, proto, alarm)}
-    records = b"".join(dns_hits.HIT_RECORD.pack(*h) for h in hits)
-    got, count, lo, hi = dns_hits._dnshits.expand(records, templates)
-    want = dns_hits.expand(records, templates)
-    assert got == want
-    assert Copies(got, count, lo, hi) == Copies.of(want) == dns_hits.copies(records, templates)
-    assert all(g[0] is w[0] and g[1] is w[1] for g, w in zip(got, want))
-    if hits:
-        with pytest.raises(KeyError):
-            dns_hits._dnshits.expand(records, {})
 
 
 @settings(max_examples=60, deadline=None)
