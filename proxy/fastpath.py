@@ -312,8 +312,16 @@ class FastPath:
         """The connection is over: close both sockets, write its conn record."""
         self.stats.active -= 1
         client.close()
-        if state.upstream is not None:
-            state.upstream.close()
+        upstream = state.upstream
+        if upstream is not None:
+            upstream.close()
+            # The transports' relay joined the two sides both ways (``peer``): the one
+            # reference cycle of a connection. Cut, its objects go as soon as the last
+            # callback lets go of them, not in a cyclic collection (~17 objects a TLS
+            # connection, ~3 % of a worker's CPU in gen-0/1 collections). Both are
+            # closing: nothing is relayed from here on.
+            upstream.peer = None
+        client.peer = None
         self._finish(state, client)
 
     def _original_dst(self, client: Side) -> tuple[str, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import gzip
 import socket
 import ssl
@@ -365,6 +366,30 @@ async def test_tls_passthrough_is_spliced_and_counted(lab: Lab) -> None:
     assert c.close_reason == "fin" and (c.nat_ip, c.nat_port) == (t.nat_ip, t.nat_port)
     assert c.community_id and c.community_id.startswith("1:")
     assert lab.origin.log == [("GET", "/plain", b"")]
+
+
+async def test_a_passed_through_connection_is_freed_without_the_cyclic_gc(lab: Lab) -> None:
+    """Its objects go by reference counting once it is recorded: none is left for a
+    cyclic collection to find (``FastPath._closed`` cuts the relay's two-way join)."""
+    import proxy.fastpath as fastpath
+    import proxy.relay as relay
+
+    ours = (fastpath.ConnState, fastpath.TlsDecision, relay.Side, relay._Joined)
+    gc.collect()
+    flags = gc.get_debug()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects are kept in gc.garbage, not freed
+        assert await _tls_get(lab, "www.allowed.example") == ROUTES["/plain"]
+        await lab.records("conn")
+        await asyncio.sleep(0.05)  # the transports' last callbacks
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, ours)]
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 async def test_sni_block_ends_the_handshake(lab: Lab) -> None:
