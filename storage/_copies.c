@@ -30,6 +30,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef struct {
@@ -607,6 +608,45 @@ static PyObject *entry_of(PyObject *t, const unsigned char *p) {
     return e;
 }
 
+/* A set of template numbers (open addressing; numbers are stored plus one, 0 is empty). */
+typedef struct {
+    unsigned long long *slot;
+    intptr_t *val; /* a group number, or a borrowed template */
+    size_t mask;
+} TidSet;
+
+static int tidset_init(TidSet *s, Py_ssize_t n) {
+    size_t cap = 16;
+    while (cap < (size_t)n * 2 + 2)
+        cap *= 2;
+    s->slot = PyMem_Calloc(cap, sizeof *s->slot);
+    s->val = PyMem_Malloc(cap * sizeof *s->val);
+    s->mask = cap - 1;
+    if (s->slot == NULL || s->val == NULL) {
+        PyMem_Free(s->slot);
+        PyMem_Free(s->val);
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* The slot of `tid`: *fresh is 1 where it was not there (and is now). */
+static size_t tidset_put(TidSet *s, unsigned long tid, int *fresh) {
+    unsigned long long key = (unsigned long long)tid + 1;
+    size_t i = (size_t)(key * 0x9E3779B97F4A7C15ULL >> 20) & s->mask;
+    while (s->slot[i] != 0 && s->slot[i] != key)
+        i = (i + 1) & s->mask;
+    *fresh = s->slot[i] == 0;
+    s->slot[i] = key;
+    return i;
+}
+
+static void tidset_free(TidSet *s) {
+    PyMem_Free(s->slot);
+    PyMem_Free(s->val);
+}
+
 /* scan(records, templates) -> (tmap, count, lo, hi): the templates the hit records
  * name (a number missing from `templates` raises KeyError), the records they stand
  * for (a companion is one more), the least and greatest ts (0 and 0 for none). */
@@ -624,30 +664,30 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         return NULL;
     long long lo = 0, hi = 0;
     Py_ssize_t count = n;
-    unsigned long last = 0;
-    PyObject *t = NULL; /* borrowed */
+    TidSet known; /* number -> its template, borrowed from tmap */
+    if (tidset_init(&known, n) < 0)
+        goto fail;
     for (Py_ssize_t i = 0; i < n; i++, p += HIT_SIZE) {
         unsigned long tid = (unsigned long)le(p + 16, 4);
-        if (t == NULL || tid != last) {
-            PyObject *key = PyLong_FromUnsignedLong(tid);
-            if (key == NULL)
+        int fresh;
+        size_t at = tidset_put(&known, tid, &fresh);
+        if (fresh) {
+            PyObject *key = PyLong_FromUnsignedLong(tid), *t = NULL;
+            if (key != NULL && (t = template_at(templates, tid)) != NULL && PyDict_SetItem(tmap, key, t) < 0)
+                t = NULL;
+            Py_XDECREF(key);
+            if (t == NULL) {
+                tidset_free(&known);
                 goto fail;
-            t = PyDict_GetItemWithError(tmap, key);
-            if (t == NULL && !PyErr_Occurred()) {
-                t = template_at(templates, tid);
-                if (t != NULL && PyDict_SetItem(tmap, key, t) < 0)
-                    t = NULL;
             }
-            Py_DECREF(key);
-            if (t == NULL)
-                goto fail;
-            last = tid;
+            known.val[at] = (intptr_t)t;
         }
         long long ts = (long long)le(p, 8);
         lo = (i == 0 || ts < lo) ? ts : lo;
         hi = (i == 0 || ts > hi) ? ts : hi;
-        count += PyTuple_GET_ITEM(t, 2) != Py_None;
+        count += PyTuple_GET_ITEM((PyObject *)known.val[at], 2) != Py_None;
     }
+    tidset_free(&known);
     return Py_BuildValue("(NnLL)", tmap, count, lo, hi);
 fail:
     Py_DECREF(tmap);
@@ -687,48 +727,10 @@ fail:
     return NULL;
 }
 
-/* A set of template numbers (open addressing; numbers are stored plus one, 0 is empty). */
-typedef struct {
-    unsigned long long *slot;
-    int *val;
-    size_t mask;
-} TidSet;
-
-static int tidset_init(TidSet *s, Py_ssize_t n) {
-    size_t cap = 16;
-    while (cap < (size_t)n * 2 + 2)
-        cap *= 2;
-    s->slot = PyMem_Calloc(cap, sizeof *s->slot);
-    s->val = PyMem_Malloc(cap * sizeof *s->val);
-    s->mask = cap - 1;
-    if (s->slot == NULL || s->val == NULL) {
-        PyMem_Free(s->slot);
-        PyMem_Free(s->val);
-        PyErr_NoMemory();
-        return -1;
-    }
-    return 0;
-}
-
-/* The slot of `tid`: *fresh is 1 where it was not there (and is now). */
-static size_t tidset_put(TidSet *s, unsigned long tid, int *fresh) {
-    unsigned long long key = (unsigned long long)tid + 1;
-    size_t i = (size_t)(key * 0x9E3779B97F4A7C15ULL >> 20) & s->mask;
-    while (s->slot[i] != 0 && s->slot[i] != key)
-        i = (i + 1) & s->mask;
-    *fresh = s->slot[i] == 0;
-    s->slot[i] = key;
-    return i;
-}
-
-static void tidset_free(TidSet *s) {
-    PyMem_Free(s->slot);
-    PyMem_Free(s->val);
-}
-
-/* latest(records, tmap, into) -> None: what latest(expand(records, tmap), into) does
- * (each entry moved to the end of `into` under id(its prototype)), with an entry made
- * only for each template's last record. */
+/* latest_hits(records, tmap, into) -> None: what latest(expand(records, tmap), into)
+ * does (each entry moved to the end of `into` under id(its prototype)), but for each
+ * template's last record alone, and with its entry's first three fields (proto,
+ * companion, ts): what the DNS join learns from. */
 static PyObject *latest_hits(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *records, *tmap, *into;
@@ -756,7 +758,8 @@ static PyObject *latest_hits(PyObject *self, PyObject *args) {
     for (Py_ssize_t j = m - 1; j >= 0; j--) { /* the latest records in their order */
         const unsigned char *r = p + last[j] * HIT_SIZE;
         PyObject *t = template_at(tmap, (unsigned long)le(r + 16, 4));
-        PyObject *e = t ? entry_of(t, r) : NULL;
+        PyObject *e = t ? Py_BuildValue("(OOL)", PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2),
+                                        (long long)le(r, 8)) : NULL;
         PyObject *key = e ? PyLong_FromVoidPtr(PyTuple_GET_ITEM(t, 1)) : NULL;
         int ok = key != NULL;
         if (ok) {
@@ -862,10 +865,10 @@ static PyObject *group_hits(PyObject *self, PyObject *packs) {
                     Py_DECREF(key);
                     if (bad)
                         goto fail_tids;
-                    tids.val[s] = (int)ngroups++;
+                    tids.val[s] = (intptr_t)ngroups++;
                 } else {
                     Py_DECREF(key);
-                    tids.val[s] = (int)PyLong_AsLong(g);
+                    tids.val[s] = (intptr_t)PyLong_AsSsize_t(g);
                     if (groups[tids.val[s]].companion != PyTuple_GET_ITEM(t, 2)) {
                         python = 1;
                         break;
@@ -943,6 +946,11 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
     const unsigned int *pairs = at.buf;
     Py_ssize_t n = at.len / (Py_ssize_t)(2 * sizeof *pairs), npacks = PyList_GET_SIZE(packs);
     TsAt *order = NULL;
+    struct {
+        unsigned long tid;
+        const char *prefix;
+        Py_ssize_t plen;
+    } *pk = NULL;
     Buf f = {NULL, 0, 0}, d = {NULL, 0, 0};
     PyObject *out = NULL;
     const unsigned char **base = PyMem_Calloc((size_t)npacks + 1, sizeof *base);
@@ -1001,32 +1009,34 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
     PyObject *segs = PyTuple_GET_ITEM(plan, 3), *comp = PyTuple_GET_ITEM(plan, 5);
     if (put_array_head(&d, n) < 0)
         goto done;
-    unsigned int last_j = (unsigned int)-1;
-    unsigned long last_tid = 0;
-    const char *prefix = NULL;
-    Py_ssize_t plen = 0;
+    /* Each pack's last template number and uid prefix: a group's copies alternate
+     * between packs (the workers), each naming its prototype by one number. */
+    pk = PyMem_Calloc((size_t)npacks, sizeof *pk);
+    if (pk == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t k = 0; k < n; k++) {
         unsigned int j = pairs[2 * order[k].k];
         const unsigned char *r = base[j] + (size_t)pairs[2 * order[k].k + 1] * HIT_SIZE;
         unsigned long tid = (unsigned long)le(r + 16, 4);
-        if (prefix == NULL || j != last_j || tid != last_tid) {
+        if (pk[j].prefix == NULL || tid != pk[j].tid) {
             PyObject *t = template_at(PyTuple_GET_ITEM(PyList_GET_ITEM(packs, j), 1), tid);
-            if (t == NULL || (prefix = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 0), &plen)) == NULL)
+            if (t == NULL || (pk[j].prefix = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 0), &pk[j].plen)) == NULL)
                 goto done;
             if (PyTuple_GET_ITEM(t, 1) != PyTuple_GET_ITEM(t0, 1) ||
                 PyTuple_GET_ITEM(t, 2) != PyTuple_GET_ITEM(t0, 2)) {
                 PyErr_SetString(PyExc_ValueError, "a group's records name another prototype");
                 goto done;
             }
-            if (plen > UID_MAX - 17) {
+            if (pk[j].plen > UID_MAX - 17) {
                 PyErr_SetString(PyExc_ValueError, "uid prefix too long");
                 goto done;
             }
-            last_j = j;
-            last_tid = tid;
+            pk[j].tid = tid;
         }
         char uid[UID_MAX];
-        Py_ssize_t ulen = uid_of(uid, prefix, plen, le(r + 8, 8));
+        Py_ssize_t ulen = uid_of(uid, pk[j].prefix, pk[j].plen, le(r + 8, 8));
         long long v[5] = {order[k].ts, 0, (long long)le(r + 20, 2), (long long)le(r + 22, 2),
                           (long long)le(r + 24, 4)};
         for (int part = 0; part < (comp != Py_None ? 2 : 1); part++) {
@@ -1046,6 +1056,7 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
     }
     out = Py_BuildValue("(y#y#nLL)", d.p, d.n, f.p, f.n, n, order[0].ts, order[n - 1].ts);
 done:
+    PyMem_Free(pk);
     PyMem_Free(order);
     PyMem_Free(base);
     PyMem_Free(f.p);

@@ -67,14 +67,17 @@ def expand(records: bytes, tmap: dict[int, Template]) -> list[Entry]:
     return out
 
 
-def latest(records: bytes, tmap: dict[int, Template], into: dict[int, Entry]) -> None:
-    """Each entry of ``records`` moved to the end of ``into`` under id(its prototype), in
-    order (``storage._copies.latest_hits`` does the same making only the last ones)."""
-    for e in expand(records, tmap):
-        k = id(e[0])
+def latest(records: bytes, tmap: dict[int, Template], into: dict[int, tuple[Any, Any, int]]) -> None:
+    """Each record's (proto, companion, ts) moved to the end of ``into`` under id(its
+    prototype), in order: ``into`` then holds each prototype's latest copy, in the order
+    of those latest copies, as ``schema.latest_copies`` leaves it for the entries (C:
+    ``storage._copies.latest_hits``, which makes only the last record's)."""
+    for ts, _seq, tid, _port, _dns_id, _latency in HIT.iter_unpack(records):
+        _prefix, proto, companion = tmap[tid]
+        k = id(proto)
         if k in into:
             del into[k]
-        into[k] = e
+        into[k] = (proto, companion, ts)
 
 
 def entries_at(packs: list[tuple[bytes, dict[int, Template]]], at: bytes) -> list[Entry]:

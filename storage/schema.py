@@ -769,7 +769,8 @@ class Copies:
 
 
 def latest_of(copies: Copies, into: dict[int, tuple[Any, ...]]) -> None:
-    """``latest_copies`` of ``copies``' entries, without making them where they are packed."""
+    """``latest_copies`` of ``copies``' entries, without making them where they are packed
+    (``into``'s values then hold the entries' first three fields: proto, companion, ts)."""
     if copies.packed is not None and copies.listed is None:
         (_copies.latest_hits if _copies is not None else hits.latest)(*copies.packed, into)
     else:

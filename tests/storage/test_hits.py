@@ -75,8 +75,9 @@ def test_compiled_scan_and_expand_equal_python(hs: list[tuple[int, ...]], prefix
 @settings(max_examples=200, deadline=None)
 @given(st.lists(hit_st(near_ts), max_size=40), st.lists(st.sampled_from(TIDS), max_size=3))
 def test_compiled_latest_equals_latest_of_the_entries(hs: list[tuple[int, ...]], before: list[int]) -> None:
-    """``latest_hits`` leaves ``into`` as ``latest_copies`` of every entry does (keys,
-    values and order), with entries learnt before it already there."""
+    """``latest_hits`` (and ``hits.latest``) leave ``into`` as ``latest_copies`` of every
+    entry does (keys, order, and the values' proto, companion and ts), with entries
+    learnt before already there."""
     records, ts = pack(hs), templates("w.")
     tmap = hits.scan(records, ts)[0]
     into_c: dict[int, Any] = {}
@@ -84,13 +85,22 @@ def test_compiled_latest_equals_latest_of_the_entries(hs: list[tuple[int, ...]],
         e = (ts[tid][1], ts[tid][2], 1, "old", 1, 1, 1)
         latest_copies([e], into_c)
     into_py = dict(into_c)
+    into_h = dict(into_c)
     _copies.latest_hits(records, tmap, into_c)
+    hits.latest(records, tmap, into_h)
     latest_copies(hits.expand(records, tmap), into_py)
-    assert list(into_c.items()) == list(into_py.items())
-    into_h = {}
-    schema.latest_of(Copies.of_hits(records, ts), into_h)
-    hits.latest(records, tmap, into_py_h := {})
-    assert list(into_h.items()) == list(into_py_h.items())
+    want = [(k, v[:3]) for k, v in into_py.items()]
+    assert [(k, v[:3]) for k, v in into_c.items()] == [(k, v[:3]) for k, v in into_h.items()] == want
+    assert all(v[0] is ts[0][1] or v[0] is ts[5][1] or v[0] is ts[2**32 - 1][1] for v in into_c.values())
+    into_of: dict[int, Any] = {}
+    schema.latest_of(Copies.of_hits(records, ts), into_of)
+    assert [(k, v[:3]) for k, v in into_of.items()] == [(k, v[:3]) for k, v in latest_after(records, tmap)]
+
+
+def latest_after(records: bytes, tmap: dict[int, hits.Template]) -> list[tuple[int, Any]]:
+    into: dict[int, Any] = {}
+    latest_copies(hits.expand(records, tmap), into)
+    return list(into.items())
 
 
 packs_st = st.lists(st.tuples(st.lists(hit_st(st.one_of(near_ts, any_ts)), min_size=1, max_size=12), prefixes),
