@@ -76,30 +76,33 @@ static int put_be(Buf *b, unsigned char tag, unsigned long long v, int n) {
 
 /* msgpack int, shortest form, as msgspec writes it. */
 static int put_ll(Buf *b, long long v) {
+    if (grow(b, 9) < 0)
+        return -1;
+    unsigned char *p = (unsigned char *)b->p + b->n, tag;
+    int n;
+    if (v >= 0 && v < 128) {
+        p[0] = (unsigned char)v;
+        b->n += 1;
+        return 0;
+    }
+    if (v < 0 && v >= -32) {
+        p[0] = (unsigned char)(0xe0 | (v + 32));
+        b->n += 1;
+        return 0;
+    }
     if (v >= 0) {
-        if (v < 128) {
-            char c = (char)v;
-            return put(b, &c, 1);
-        }
-        if (v < 256)
-            return put_be(b, 0xcc, (unsigned long long)v, 1);
-        if (v < 65536)
-            return put_be(b, 0xcd, (unsigned long long)v, 2);
-        if (v < 4294967296LL)
-            return put_be(b, 0xce, (unsigned long long)v, 4);
-        return put_be(b, 0xcf, (unsigned long long)v, 8);
+        n = v < 256 ? 1 : v < 65536 ? 2 : v < 4294967296LL ? 4 : 8;
+        tag = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
+    } else {
+        n = v >= -128 ? 1 : v >= -32768 ? 2 : v >= -2147483648LL ? 4 : 8;
+        tag = n == 1 ? 0xd0 : n == 2 ? 0xd1 : n == 4 ? 0xd2 : 0xd3;
     }
-    if (v >= -32) {
-        char c = (char)(0xe0 | (v + 32));
-        return put(b, &c, 1);
-    }
-    if (v >= -128)
-        return put_be(b, 0xd0, (unsigned long long)v & 0xff, 1);
-    if (v >= -32768)
-        return put_be(b, 0xd1, (unsigned long long)v & 0xffff, 2);
-    if (v >= -2147483648LL)
-        return put_be(b, 0xd2, (unsigned long long)v & 0xffffffffULL, 4);
-    return put_be(b, 0xd3, (unsigned long long)v, 8);
+    unsigned long long u = (unsigned long long)v;
+    p[0] = tag;
+    for (int i = 0; i < n; i++)
+        p[1 + i] = (unsigned char)(u >> (8 * (n - 1 - i)));
+    b->n += 1 + n;
+    return 0;
 }
 
 /* msgpack int, shortest form; -1 with an exception for a non-int or one over 64 bits. */
@@ -567,8 +570,14 @@ static int hit_records(PyObject *records, const unsigned char **p, Py_ssize_t *n
 
 /* prefix + hex(seq) into `uid` (at least plen + 17 bytes); its length. */
 static Py_ssize_t uid_of(char *uid, const char *prefix, Py_ssize_t plen, unsigned long long seq) {
+    static const char hex[] = "0123456789abcdef";
     memcpy(uid, prefix, (size_t)plen);
-    return plen + snprintf(uid + plen, 17, "%llx", seq);
+    int digits = 1;
+    while (digits < 16 && (seq >> (4 * digits)) != 0)
+        digits++;
+    for (int i = digits - 1; i >= 0; i--, seq >>= 4)
+        uid[plen + i] = hex[seq & 15];
+    return plen + digits;
 }
 
 #define UID_MAX 128
@@ -993,7 +1002,13 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
         order[k] = (TsAt){(long long)le(base[j] + (size_t)i * HIT_SIZE, 8), k};
     }
     PyMem_Free(sizes);
-    qsort(order, (size_t)n, sizeof *order, by_ts);
+    /* Each worker's records come in ts order: often the group is in order already. */
+    for (Py_ssize_t k = 1; k < n; k++) {
+        if (order[k].ts < order[k - 1].ts) {
+            qsort(order, (size_t)n, sizeof *order, by_ts);
+            break;
+        }
+    }
     /* The group's prototype, from its first record's template. */
     unsigned int j0 = pairs[0];
     PyObject *t0 = template_at(PyTuple_GET_ITEM(PyList_GET_ITEM(packs, j0), 1),
@@ -1007,7 +1022,14 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
         goto done;
     }
     PyObject *segs = PyTuple_GET_ITEM(plan, 3), *comp = PyTuple_GET_ITEM(plan, 5);
-    if (put_array_head(&d, n) < 0)
+    Py_ssize_t fixed = 0; /* the prototype's bytes in each copy's logical row */
+    for (Py_ssize_t q = 0; q < PyTuple_GET_SIZE(segs); q++)
+        fixed += PyBytes_GET_SIZE(PyTuple_GET_ITEM(segs, q));
+    if (comp != Py_None)
+        for (Py_ssize_t q = 0; q < PyTuple_GET_SIZE(PyTuple_GET_ITEM(comp, 1)); q++)
+            fixed += PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(comp, 1), q));
+    /* One allocation each, mostly: a copy's values take under 64 bytes but for the uid. */
+    if (grow(&f, n * (fixed + 2 * 64 + 8)) < 0 || grow(&d, 5 + n * 64) < 0 || put_array_head(&d, n) < 0)
         goto done;
     /* Each pack's last template number and uid prefix: a group's copies alternate
      * between packs (the workers), each naming its prototype by one number. */
