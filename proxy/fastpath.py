@@ -808,7 +808,7 @@ class _AcceptedSide(Side):
         self._stage = _RELAY
         splice(self, upstream, self._fp.config.relay)
         joined = self.joined
-        if joined is None or joined.over.done():
+        if joined is None or joined.ended:
             self._to_task(self._relayed(upstream))
         else:
             joined.on_end = self._relay_over

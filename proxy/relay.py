@@ -114,7 +114,19 @@ class Side(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed_fut: asyncio.Future[None] | None = None
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Done once the socket is closed (``connection_lost``), for coroutines to await.
+        Made on first use: a connection driven by callbacks never asks (``on_lost``
+        tells it), and a future is ~1 µs to make, two a connection."""
+        fut = self._closed_fut
+        if fut is None:
+            fut = self._closed_fut = asyncio.get_running_loop().create_future()
+            if self.lost:
+                fut.set_result(None)
+        return fut
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -162,8 +174,9 @@ class Side(asyncio.Protocol):
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
+        closed = self._closed_fut
+        if closed is not None and not closed.done():
+            closed.set_result(None)
         if self.joined is not None:
             self.joined.end(hand_over=False)
         peer = self.peer
@@ -317,20 +330,33 @@ class _Joined:
     """The transports' relay of two sides: over when a side is lost, or when one has
     received its ``relay_after`` bytes (``hand_over``: the socket relay is to take over)."""
 
-    __slots__ = ("mode", "over", "hand_over", "on_end")
+    __slots__ = ("mode", "ended", "hand_over", "on_end", "_over")
 
     def __init__(self, mode: RelayMode) -> None:
         self.mode = mode
-        self.over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ended = False
         self.hand_over = False
         self.on_end: Callable[[], None] | None = None
         """Called when it ends, from the callback that ended it (``Side.data_received`` or
         ``connection_lost``): the callback-driven connection's way, where a task awaits ``over``."""
+        self._over: asyncio.Future[None] | None = None
+
+    @property
+    def over(self) -> asyncio.Future[None]:
+        """Done once it ended, for a task to await; made on first use (as ``Side.closed``)."""
+        fut = self._over
+        if fut is None:
+            fut = self._over = asyncio.get_running_loop().create_future()
+            if self.ended:
+                fut.set_result(None)
+        return fut
 
     def end(self, *, hand_over: bool) -> None:
-        if not self.over.done():
+        if not self.ended:
+            self.ended = True
             self.hand_over = hand_over
-            self.over.set_result(None)
+            if self._over is not None:
+                self._over.set_result(None)
             if self.on_end is not None:
                 self.on_end()
 
