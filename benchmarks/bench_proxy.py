@@ -206,11 +206,13 @@ class Proc:
                 frontier.append(int(k))
         return out
 
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the process and its descendants (live ones)."""
+    def cpu_s(self, main_only: bool = False) -> float:
+        """User + system CPU seconds of the process and its descendants (live ones), or of
+        the process alone (``main_only``: linewarden's main process, where the store writer
+        runs; squid's master)."""
         tick = os.sysconf("SC_CLK_TCK")
         total = 0
-        for pid in self.pids():
+        for pid in [self.popen.pid] if main_only else self.pids():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
@@ -433,6 +435,9 @@ class TlsRun:
     client_cpu_s: float
     """CPU seconds of the curl client: near ``seconds`` means the client (one core)
     was the bottleneck, not the proxy."""
+    main_cpu_s: float = 0.0
+    """Of ``cpu_s``, the proxy's main process (``Proc.cpu_s(main_only=True)``): linewarden's
+    records pass there on their way to the store, its workers do the rest."""
     origin_cpu_s: float = 0.0
     """CPU seconds of the origin (nginx) meanwhile. With the client and the proxy it
     makes the machine's CPU per GB: on two shared cores the bulk rate follows that sum,
@@ -466,12 +471,14 @@ def tls_load(proxy: Proc | None, origin_port: int, path: str, size: int, transfe
     if proxy is not None:
         cmd[1:1] = ["-x", f"http://127.0.0.1:{proxy.tls_port}"]
     cpu = proxy.cpu_s() if proxy is not None else 0.0
+    main_cpu = proxy.cpu_s(main_only=True) if proxy is not None else 0.0
     origin_cpu = origin.cpu_s() if origin is not None else 0.0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
     elapsed = time.monotonic() - t
     cpu = proxy.cpu_s() - cpu if proxy is not None else 0.0
+    main_cpu = proxy.cpu_s(main_only=True) - main_cpu if proxy is not None else 0.0
     origin_cpu = origin.cpu_s() - origin_cpu if origin is not None else 0.0
     kids_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = kids_after.ru_utime + kids_after.ru_stime - kids.ru_utime - kids.ru_stime
@@ -479,7 +486,7 @@ def tls_load(proxy: Proc | None, origin_port: int, path: str, size: int, transfe
     ok = sum(1 for x in sizes if x == size)
     if ok < transfers:
         log(f"  warning: {transfers - ok} of {transfers} TLS transfers failed or came back short")
-    return TlsRun(ok, elapsed, sum(sizes), cpu, client, origin_cpu)
+    return TlsRun(ok, elapsed, sum(sizes), cpu, client, main_cpu, origin_cpu)
 
 
 def idle_memory(proc: Proc, origin_port: int, n: int = 1000) -> tuple[float, float]:
@@ -716,7 +723,9 @@ def print_tls(args, tls) -> None:  # type: ignore[no-untyped-def]
     for name, runs in tls.items():
         cps = _median([c.per_s for c, _ in runs])
         mbs = _median([b.mb_s for _, b in runs])
-        cpu = "" if name == "direct" else (f"; proxy CPU {_median([_cpu_ms(c) for c, _ in runs]):.2f} ms/conn, "
+        main = _median([c.main_cpu_s * 1000 / c.ok if c.ok else 0.0 for c, _ in runs])
+        cpu = "" if name == "direct" else (f"; proxy CPU {_median([_cpu_ms(c) for c, _ in runs]):.2f} ms/conn "
+                                           f"(main process {main:.3f}), "
                                            f"{_median([_cpu_per_gb(b) for _, b in runs]):.2f} s/GB")
         busy = (f"curl busy {_median([c.client_cpu_s / c.seconds for c, _ in runs]):.2f}"
                 f"/{_median([b.client_cpu_s / b.seconds for _, b in runs]):.2f} cores")
