@@ -25,7 +25,11 @@ every query sent so far (the wait is printed: the backlog the previous workload
 left), and after its runs the store is counted and the count printed next to the
 queries sent and those dnsperf gave up on.
 
-Usage: ``.venv/bin/python benchmarks/bench_dns.py [--seconds 10] [--workers 2]``
+Each server runs ``--rounds`` times (3), in alternating order; the table shows each
+one's best round, and the ratios are medians of the rounds' own ratios (linewarden
+against a peer measured in the same round), each round's printed beside it.
+
+Usage: ``.venv/bin/python benchmarks/bench_dns.py [--seconds 10] [--workers 1] [--rounds 3]``
 (needs dnsperf, dnsmasq and unbound: ``apt-get install dnsperf dnsmasq unbound``).
 """
 
@@ -37,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +68,7 @@ class Result:
     p99_ms: float
     completed: int
     lost: int
+    round: int = 0
 
 
 def free_port() -> int:
@@ -272,12 +278,14 @@ def wait_recorded(store: Path, sent: int, timeout: float = 120.0) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10, help="length of each dnsperf run")
-    ap.add_argument("--workers", type=int, default=2, help="linewarden dns.workers")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="linewarden dns.workers (default 1, the product's default; 2 serves more cache "
+                         "misses and fewer hits on a 2-core machine)")
     ap.add_argument("--miss-names", type=int, default=600_000,
                     help="unique names per cache-miss run (more than any server answers in --seconds)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run every server this many times and keep each one's best run "
-                         "(a shared machine's load varies)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run every server this many times, in alternating order; the ratios are "
+                         "medians of the rounds' own ratios (a shared machine's load varies)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--only", nargs="*", default=[], help="subset of servers to run")
     args = ap.parse_args()
@@ -321,7 +329,9 @@ def main() -> int:
         if args.only:
             servers = [s for s in servers if s[0] in args.only]
         for rnd_i in range(args.rounds):
-            for name, cmd, opts in servers:
+            # Alternating order: a drift in the machine's load shifts no server's rounds
+            # the same way every time.
+            for name, cmd, opts in (servers if rnd_i % 2 == 0 else servers[::-1]):
                 port = opts["port"]
                 p = None
                 if cmd:
@@ -345,7 +355,7 @@ def main() -> int:
                         print(f"round {rnd_i + 1} {name:12s} store caught up {waited:.1f} s before {workload}",
                               flush=True)
                     r = dnsperf(port, data, args.seconds, once, work / f"{name}-{workload}.txt")
-                    r.server, r.workload = name, workload
+                    r.server, r.workload, r.round = name, workload, rnd_i
                     results.append(r)
                     sent += r.completed + r.lost
                     lost += r.lost
@@ -379,14 +389,17 @@ def report(results: list[Result], recorded: dict[str, tuple[int, int, int]]) -> 
     for r in best.values():
         print(f"{r.server:12s} {r.workload:10s} {r.qps:9.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f}")
     print()
+    rounds = sorted({r.round for r in results})
+    by = {(r.server, r.workload, r.round): r for r in results}
+    print(f"ratios: median of the {len(rounds)} rounds' own ratios (linewarden and the peer in the "
+          f"same round), each round's in brackets")
     for workload in ("cache-hit", "cache-miss"):
-        lw = best.get(("linewarden", workload))
-        if lw is None:
-            continue
         for peer in ("dnsmasq", "unbound", "dnsmasq+log", "unbound+log", "unbound-2t", "upstream"):
-            other = best.get((peer, workload))
-            if other and other.qps:
-                print(f"ratio {workload:10s} linewarden/{peer:11s} = {lw.qps / other.qps:5.2f}")
+            per = [by[("linewarden", workload, i)].qps / by[(peer, workload, i)].qps for i in rounds
+                   if ("linewarden", workload, i) in by and by.get((peer, workload, i)) and by[(peer, workload, i)].qps]
+            if per:
+                each = " ".join(f"{x:.2f}" for x in per)
+                print(f"ratio {workload:10s} linewarden/{peer:11s} = {statistics.median(per):5.2f}   [{each}]")
     for name, (n, asked, lost) in recorded.items():
         # A query dnsperf gave up on may still have been answered (late) and recorded.
         verdict = "every answered query recorded" if n >= asked - lost else "RECORDS MISSING"
