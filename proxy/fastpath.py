@@ -343,7 +343,7 @@ class FastPath:
         if conn.dns_name is None and self.dns_names and conn.server_ip:
             conn.dns_name = self.dns_names(conn.client_ip, conn.server_ip)
         reason = state.close_reason or "fin"
-        kind = reason.split(":", 1)[0]
+        kind = reason.split(":", 1)[0] if ":" in reason else reason
         self.stats.by_reason[kind] = self.stats.by_reason.get(kind, 0) + 1
         up = state.upstream
         self.submit(
@@ -545,11 +545,14 @@ class ConnState:
 
     def note(self, verdict: Verdict) -> None:
         """Fold a decision into the connection's action and rule ids."""
-        if ACTIONS.index(verdict.action) > ACTIONS.index(self.action):  # type: ignore[arg-type]
-            self.action = verdict.action
-        for rid in verdict.rule_ids:
-            if rid not in self.rule_ids:
-                self.rule_ids.append(rid)
+        if verdict.matches:  # none: "allow" and no ids, nothing to fold (nearly every decision)
+            if ACTIONS.index(verdict.action) > ACTIONS.index(self.action):  # type: ignore[arg-type]
+                self.action = verdict.action
+            for rid in verdict.rule_ids:
+                if rid not in self.rule_ids:
+                    self.rule_ids.append(rid)
+        elif verdict.action != "allow" and ACTIONS.index(verdict.action) > ACTIONS.index(self.action):  # type: ignore[arg-type]
+            self.action = verdict.action  # an error's fail-closed block carries no match
         self.ruleset_version = verdict.ruleset_version or self.ruleset_version
 
 
@@ -1007,5 +1010,6 @@ async def _read_hello(client: Side):  # type: ignore[no-untyped-def]
 
 def _plain_ip(ip: str) -> str:
     """``::ffff:10.0.0.1`` → ``10.0.0.1``; zone ids dropped."""
-    ip = ip.split("%", 1)[0]
+    if "%" in ip:
+        ip = ip.split("%", 1)[0]
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip

@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import gc
 import gzip
+import itertools
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -23,8 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.fastpath import FastPath, FastPathConfig
+from proxy.fastpath import ConnState, FastPath, FastPathConfig
+from proxy.http_records import ConnInfo
 from rules.engine import Engine
+from rules.verdict import ACTIONS, Match, Verdict
 from rules.wire import parse_message
 from storage.config import StoreConfig
 from storage.query import query
@@ -749,3 +752,37 @@ def test_sni_verdicts_are_remembered_per_engine() -> None:
     for i in range(SNI_MEMO_MAX + 1):
         proxy._sni_verdict(new, f"{i}.example")
     assert len(proxy._sni_memo) <= SNI_MEMO_MAX
+
+
+def _note_reference(state: ConnState, verdict: Verdict) -> None:
+    """``ConnState.note`` as it was before its no-match shortcut: every verdict folded in full."""
+    if ACTIONS.index(verdict.action) > ACTIONS.index(state.action):
+        state.action = verdict.action
+    for rid in verdict.rule_ids:
+        if rid not in state.rule_ids:
+            state.rule_ids.append(rid)
+    state.ruleset_version = verdict.ruleset_version or state.ruleset_version
+
+
+def _match(rule_id: str, action: str) -> Match:
+    return Match(rule_id, "cat", "domain", "x.example", action, "sni")  # type: ignore[arg-type]
+
+
+_VERDICTS = [
+    Verdict("allow", (), 3),
+    Verdict("allow", (), 0),
+    Verdict("block", (), 4, errors=("tls: unparsable ClientHello",)),  # fail closed: no match
+    Verdict("log", (_match("L1", "log"),), 5),
+    Verdict("block", (_match("B1", "block"), _match("L1", "log")), 5),
+    Verdict("log", (_match("L2", "log"),), None),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize("order", [list(p) for p in itertools.permutations(range(len(_VERDICTS)), 3)])
+def test_a_connection_folds_its_decisions_as_every_one_folded_in_full(order: list[int]) -> None:
+    fast = ConnState(ConnInfo("C1", 0, "10.0.0.1", 1))
+    full = ConnState(ConnInfo("C1", 0, "10.0.0.1", 1))
+    for i in order:
+        fast.note(_VERDICTS[i])
+        _note_reference(full, _VERDICTS[i])
+        assert (fast.action, fast.rule_ids, fast.ruleset_version) == (full.action, full.rule_ids, full.ruleset_version)
