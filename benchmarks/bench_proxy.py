@@ -196,13 +196,17 @@ class Proc:
     tls_port: int | None = None
 
     def pids(self) -> list[int]:
-        """The process and its descendants (squid's kid, e2guardian's children)."""
+        """The process and its descendants (squid's kid, e2guardian's children, linewarden's
+        workers), whichever of a process's threads started them (``/proc/PID/task/TID/children``
+        lists only the children of thread TID)."""
         out = [self.popen.pid]
         frontier = [self.popen.pid]
         while frontier:
             pid = frontier.pop()
+            kids: list[str] = []
             try:
-                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    kids += (task / "children").read_text().split()
             except OSError:
                 continue
             for k in kids:
