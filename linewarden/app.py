@@ -144,11 +144,25 @@ class App:
         except BaseException:
             await self.stop()
             raise
+        self._yield_to_workers()
         # Every record of every worker is decoded here and waits in the writer's queue: keep
         # the cyclic GC from walking the compiled rule set over and over while it does (the
         # workers do the same). Measured: ~1.6 us less per DNS record in this process.
         gc.collect()
         gc.freeze()
+
+    def _yield_to_workers(self) -> None:
+        """``store.nice``: where worker processes do all the answering and stop taking work
+        while this process (which records) is behind, this process runs nicer than they do
+        (``workers.lower_priority`` says why). The HTTP workers do not stop accepting
+        connections when the store is behind, so with them a starved main process could
+        let their record buffers overflow: there both keep the same priority."""
+        from linewarden.workers import WorkerPool, lower_priority
+
+        nice = self.config.store.nice
+        if nice and self.services and all(isinstance(s, WorkerPool) and s.holds_intake for s in self.services):
+            changed = lower_priority(nice)
+            log.info("main process: %d threads %d nicer than the workers (store.nice)", changed, nice)
 
     async def stop(self) -> None:
         if self.control is not None:

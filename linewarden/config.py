@@ -138,6 +138,13 @@ class StoreSection:
     for their defaults)."""
 
     dir: str = _doc("./var", "Store directory (created when missing).")
+    nice: int = _doc(15, "How much nicer than its workers the main process runs, which "
+                     "records (channel readers, the DNS join, the store writer) while the "
+                     "workers answer: when both want a core, answering goes first and recording "
+                     "takes the slack. Only where every service runs in workers that stop taking "
+                     "work while the store is behind: today the DNS workers (`dns.workers` >= 1) "
+                     "with the HTTP proxy off; the HTTP workers keep accepting, so with them "
+                     "both keep one priority. 0: the same priority.", minimum=0, maximum=19)
     options: Mapping[str, Any] = _doc(MappingProxyType({}), "Other [store] keys, for StoreConfig.")
 
     def store_config(self) -> Any:
@@ -384,7 +391,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str | None = None) -> C
     store_dir = store_t.pop("dir", "./var")
     if not isinstance(store_dir, str) or not store_dir:
         raise ConfigError(f"store.dir: expected a non-empty string, got {store_dir!r}")
-    store = StoreSection(store_dir, MappingProxyType(store_t))
+    nice = _convert("store", StoreSection, {"nice": store_t.pop("nice")} if "nice" in store_t else {}).nice
+    store = StoreSection(store_dir, nice, MappingProxyType(store_t))
     http = _convert("http", HttpConfig, data.get("http", {}))
     dns_t = data.get("dns", {})
     dns = _convert("dns", DnsConfig, dns_t, skip={"sinkhole"})

@@ -7,6 +7,7 @@ channel to the one writer; `linewarden run` stops cleanly on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -164,3 +165,90 @@ async def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
         await service.stop()
         await writer.close()
         await zone.stop()
+
+
+def _nice(pid: int, tid: int | None = None) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of a ``linewarden run`` (its children but the resource tracker)."""
+    kids = []
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (t / "children").read_text().split()]
+    return [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+@pytest.mark.parametrize(("nice", "http"), [(7, False), (0, False), (7, True)], ids=["dns", "nice-0", "with-http"])
+def test_the_main_process_runs_nicer_than_its_workers(tmp_path: Path, nice: int, http: bool) -> None:
+    """``store.nice``: every thread of ``linewarden run`` but the one that starts workers
+    runs that much nicer; the workers, a restarted one too, keep the starting priority,
+    and they answer and the main process records as before. Not with HTTP workers,
+    which do not stop accepting while the store is behind."""
+    base = _nice(os.getpid())
+    lowered = min(19, base + nice) if not http else base
+
+    async def run() -> None:
+        zone = Zone()
+        await zone.start()
+        port = _free_port()
+        cfg = _config(tmp_path, zone.address, 1, port)
+        (tmp_path / "lw.toml").write_text("\n".join([
+            f'[rules]\ndir = "{cfg["rules"]["dir"]}"',
+            f'[store]\ndir = "{cfg["store"]["dir"]}"\ncommit_interval_ms = 20\nnice = {nice}',
+            f'[http]\nlisten = "127.0.0.1:{_free_port()}"\nworkers = 1' if http else "[http]\nenabled = false",
+            f'[dns]\nlisten = "127.0.0.1:{port}"\nupstreams = ["{zone.address[0]}:{zone.address[1]}"]',
+        ]) + "\n")
+        log = open(tmp_path / "run.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "linewarden", "run", "--config", str(tmp_path / "lw.toml")],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await _until(lambda: b"linewarden: store" in (tmp_path / "run.log").read_bytes(), proc, tmp_path)
+            threads = {int(t.name): _nice(proc.pid, int(t.name)) for t in Path(f"/proc/{proc.pid}/task").iterdir()}
+            assert sorted(threads.values()).count(base) == (1 if lowered != base else len(threads)), threads
+            assert all(v in (base, lowered) for v in threads.values()), threads
+            assert threads[proc.pid] == lowered
+            workers = _workers(proc.pid)
+            assert len(workers) == (2 if http else 1) and all(_nice(w) == base for w in workers)
+            os.kill(workers[0], signal.SIGKILL)  # a worker the test's own `linewarden run` started
+            await _until(lambda: len(set(_workers(proc.pid)) - set(workers)) == 1, proc, tmp_path)
+            assert all(_nice(w) == base for w in _workers(proc.pid))
+            for i in range(3):
+                out = None
+                for _ in range(50):  # the new worker binds the port once it has compiled its rules
+                    try:
+                        out = DNSRecord.parse(await asyncio.wait_for(
+                            exchange(("127.0.0.1", port), make_query("www.lw.test", qid=i)), 1))
+                        break
+                    except (TimeoutError, ConnectionError):
+                        await asyncio.sleep(0.1)
+                assert out is not None and str(out.rr[0].rdata) == "192.0.2.10"
+            proc.send_signal(signal.SIGTERM)
+            await _until(lambda: proc.poll() is not None, proc, tmp_path, running=False)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            await zone.stop()
+
+    asyncio.run(run())
+    assert [r.dns_id for r in query(tmp_path / "store") if isinstance(r, Dns)] == [0, 1, 2]
+
+
+def _free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def _until(cond, proc: subprocess.Popen, tmp_path: Path, running: bool = True) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 60
+    while not cond():
+        if running:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+        await asyncio.sleep(0.1)
