@@ -144,7 +144,6 @@ class App:
         except BaseException:
             await self.stop()
             raise
-        self._yield_to_workers()
         # Every record of every worker is decoded here and waits in the writer's queue: keep
         # the cyclic GC from walking the compiled rule set over and over while it does (the
         # workers do the same). Measured: ~1.6 us less per DNS record in this process.
@@ -184,6 +183,7 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
+            self._yield_to_workers()  # here, not in start(): an in-process App leaves its caller's priority
             if on_ready is not None:
                 on_ready(self)
             await self._stop.wait()

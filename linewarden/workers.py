@@ -469,16 +469,26 @@ class HttpWorkerSpec(PoolSpec):
 
 _spawner: concurrent.futures.ThreadPoolExecutor | None = None
 _spawner_tid = 0
+_spawner_users = 0
+"""Pools started and not yet stopped: the last one to stop ends the thread."""
 
 
 def spawner() -> concurrent.futures.ThreadPoolExecutor:
     """The one thread that starts worker processes, made at the first call (before
-    ``lower_priority``, which leaves it alone)."""
+    ``lower_priority``, which leaves it alone) and ended when the last pool stops."""
     global _spawner, _spawner_tid
     if _spawner is None:
         _spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="linewarden-spawn")
         _spawner_tid = _spawner.submit(threading.get_native_id).result()
     return _spawner
+
+
+def _spawner_done() -> None:
+    global _spawner, _spawner_users
+    _spawner_users -= 1
+    if _spawner_users == 0 and _spawner is not None:
+        _spawner.shutdown(wait=True)
+        _spawner = None
 
 
 def lower_priority(by: int) -> int:
@@ -531,6 +541,7 @@ class WorkerPool:
         self.restarts = 0
         """Workers started again after they died."""
         self._stopping = False
+        self._using_spawner = False
         self._restarts: set[asyncio.Task[None]] = set()
 
     @property
@@ -542,7 +553,10 @@ class WorkerPool:
         return spec
 
     async def start(self) -> None:
+        global _spawner_users
         spec = self.spec
+        _spawner_users += 1
+        self._using_spawner = True
         try:
             for i in range(spec.count):
                 if i == 1:
@@ -626,6 +640,9 @@ class WorkerPool:
             if h.process is not None:
                 await asyncio.get_running_loop().run_in_executor(None, h.process.join, 5)
         self.workers.clear()
+        if self._using_spawner:
+            self._using_spawner = False
+            _spawner_done()
 
 
 class DnsWorkers(WorkerPool):
