@@ -239,8 +239,9 @@ class DnsConfig:
                            "(see deploy/README.md).")
     workers: int = _doc(1, "Processes answering DNS on one port (SO_REUSEPORT), each "
                         "sending its records to the writer in the main process; 0 = answer "
-                        "in the main process. A gateway sets its number of cores "
-                        "(linewarden/workers.py explains why).", minimum=0, maximum=16)
+                        "in the main process. On 2 cores, 1 answers more cache hits and 2 more cache "
+                        "misses (deploy/README.md, Measured; linewarden/workers.py explains "
+                        "the processes).", minimum=0, maximum=16)
     tcp_idle_timeout_s: float = _doc(10.0, "Idle TCP client connections are closed after this "
                                      "(RFC 7766 6.2.3 recommends seconds, not minutes).",
                                      minimum=0.1)
