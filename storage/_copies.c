@@ -589,18 +589,20 @@ static PyObject *entry_of(PyObject *t, const unsigned char *p) {
     const char *prefix = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 0), &plen);
     if (prefix == NULL)
         return NULL;
-    if (plen > UID_MAX - 17) {
-        PyErr_SetString(PyExc_ValueError, "uid prefix too long");
+    char small[UID_MAX], *uid = plen <= UID_MAX - 17 ? small : PyMem_Malloc((size_t)plen + 17);
+    if (uid == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t ulen = uid_of(uid, prefix, plen, le(p + 8, 8));
+    PyObject *e = PyTuple_New(7), *u = PyUnicode_FromStringAndSize(uid, ulen);
+    if (uid != small)
+        PyMem_Free(uid);
+    if (e == NULL || u == NULL) {
+        Py_XDECREF(e);
+        Py_XDECREF(u);
         return NULL;
     }
-    char uid[UID_MAX];
-    Py_ssize_t ulen = uid_of(uid, prefix, plen, le(p + 8, 8));
-    PyObject *e = PyTuple_New(7);
-    if (e == NULL)
-        return NULL;
     PyObject *vals[7] = {PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2),
-                         PyLong_FromLongLong((long long)le(p, 8)),
-                         PyUnicode_FromStringAndSize(uid, ulen),
+                         PyLong_FromLongLong((long long)le(p, 8)), u,
                          PyLong_FromLong((long)le(p + 20, 2)), PyLong_FromLong((long)le(p + 22, 2)),
                          PyLong_FromUnsignedLong((unsigned long)le(p + 24, 4))};
     Py_INCREF(vals[0]);
@@ -961,6 +963,8 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
         Py_ssize_t plen;
     } *pk = NULL;
     Buf f = {NULL, 0, 0}, d = {NULL, 0, 0};
+    char small[UID_MAX], *uid = small;
+    Py_ssize_t ucap = UID_MAX;
     PyObject *out = NULL;
     const unsigned char **base = PyMem_Calloc((size_t)npacks + 1, sizeof *base);
     if (n == 0 || base == NULL) {
@@ -1051,13 +1055,17 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
                 PyErr_SetString(PyExc_ValueError, "a group's records name another prototype");
                 goto done;
             }
-            if (pk[j].plen > UID_MAX - 17) {
-                PyErr_SetString(PyExc_ValueError, "uid prefix too long");
-                goto done;
+            if (pk[j].plen + 17 > ucap) { /* a long prefix: a buffer that holds it */
+                char *more = PyMem_Realloc(uid == small ? NULL : uid, (size_t)pk[j].plen + 17);
+                if (more == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                uid = more;
+                ucap = pk[j].plen + 17;
             }
             pk[j].tid = tid;
         }
-        char uid[UID_MAX];
         Py_ssize_t ulen = uid_of(uid, pk[j].prefix, pk[j].plen, le(r + 8, 8));
         long long v[5] = {order[k].ts, 0, (long long)le(r + 20, 2), (long long)le(r + 22, 2),
                           (long long)le(r + 24, 4)};
@@ -1078,6 +1086,8 @@ static PyObject *run_hits(PyObject *self, PyObject *args) {
     }
     out = Py_BuildValue("(y#y#nLL)", d.p, d.n, f.p, f.n, n, order[0].ts, order[n - 1].ts);
 done:
+    if (uid != small)
+        PyMem_Free(uid);
     PyMem_Free(pk);
     PyMem_Free(order);
     PyMem_Free(base);

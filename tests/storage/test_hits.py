@@ -42,7 +42,7 @@ def hit_st(ts: st.SearchStrategy[int]) -> st.SearchStrategy[tuple[int, ...]]:
 any_ts = st.integers(-(2**63), 2**63 - 1)
 near_ts = st.integers(T0, T0 + 4)
 """Few values: ties in ts, which a run keeps in arrival order."""
-prefixes = st.sampled_from(["", "D1a2b.", "ü-", "p" * 100])
+prefixes = st.sampled_from(["", "D1a2b.", "ü-", "p" * 100, "q" * 300])
 
 
 def pack(hs: list[tuple[int, ...]]) -> bytes:
