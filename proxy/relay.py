@@ -121,12 +121,9 @@ class Side(asyncio.Protocol):
         """Done once the socket is closed (``connection_lost``), for coroutines to await.
         Made on first use: a connection driven by callbacks never asks (``on_lost``
         tells it), and a future is ~1 µs to make, two a connection."""
-        fut = self._closed_fut
-        if fut is None:
-            fut = self._closed_fut = asyncio.get_running_loop().create_future()
-            if self.lost:
-                fut.set_result(None)
-        return fut
+        if self._closed_fut is None:
+            self._closed_fut = _event_future(self.lost)
+        return self._closed_fut
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -326,6 +323,15 @@ def _socket_relay(a: Side, b: Side, mode: RelayMode) -> bool:
     return True
 
 
+def _event_future(happened: bool) -> asyncio.Future[None]:
+    """A future for something that happens once, made when first awaited: done already
+    if it has ``happened`` (its owner sets it when it does)."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if happened:
+        fut.set_result(None)
+    return fut
+
+
 class _Joined:
     """The transports' relay of two sides: over when a side is lost, or when one has
     received its ``relay_after`` bytes (``hand_over``: the socket relay is to take over)."""
@@ -344,12 +350,9 @@ class _Joined:
     @property
     def over(self) -> asyncio.Future[None]:
         """Done once it ended, for a task to await; made on first use (as ``Side.closed``)."""
-        fut = self._over
-        if fut is None:
-            fut = self._over = asyncio.get_running_loop().create_future()
-            if self.ended:
-                fut.set_result(None)
-        return fut
+        if self._over is None:
+            self._over = _event_future(self.ended)
+        return self._over
 
     def end(self, *, hand_over: bool) -> None:
         if not self.ended:
