@@ -504,11 +504,13 @@ def lower_priority(by: int) -> int:
     against 1.8-2.05. (10 nicer: no clear difference in three pairs.) The store still
     gets every idle moment, and the workers' flow control holds them when it falls
     behind."""
+    if by <= 0:
+        return 0
     spawner()
     changed = 0
     for t in os.listdir("/proc/self/task"):
         tid = int(t)
-        if tid == _spawner_tid or by <= 0:
+        if tid == _spawner_tid:
             continue
         try:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
