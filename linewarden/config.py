@@ -204,6 +204,11 @@ class HttpConfig:
                       "\"auto\": splice between two other hosts, copy when one end is on this host "
                       "(the interception proxy), where splicing costs that end more than it saves "
                       "(proxy/relay.py).", choices=("auto", "splice", "copy"))
+    native: bool = _doc(True, "Carry TLS passed through on a verdict already given (the same "
+                        "CONNECT head, the same server name) in C (proxy/_passthrough.c): about "
+                        "half the proxy's CPU for a new TLS connection; the same records. false: "
+                        "the Python path carries every connection (also without a C compiler, "
+                        "or with LINEWARDEN_PURE_PYTHON=1).")
     workers: int = _doc(1, "Proxy processes sharing the listen port (SO_REUSEPORT), each sending "
                         "its records to the main process's writer; 0 = in the main process. "
                         "One process uses one core.", minimum=0, maximum=16)

@@ -146,10 +146,11 @@ class EngineRef:
     reload never mixes two.
     """
 
-    __slots__ = ("state",)
+    __slots__ = ("state", "_watchers")
 
     def __init__(self, engine: Any) -> None:
         self.state = EngineState(engine)
+        self._watchers: list[Callable[[], None]] = []
 
     @property
     def engine(self) -> Any:
@@ -157,6 +158,14 @@ class EngineRef:
 
     def swap(self, engine: Any) -> None:
         self.state = EngineState(engine)
+        for told in self._watchers:
+            told()
+
+    def watch(self, told: Callable[[], None]) -> None:
+        """Call ``told`` after each swap, on the swapping thread: for what remembers an
+        Engine's answers outside Python's reach (the C passthrough's verdicts), which a
+        read of ``state`` per query cannot refresh."""
+        self._watchers.append(told)
 
 
 class Sinkhole(NamedTuple):

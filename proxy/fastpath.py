@@ -35,7 +35,9 @@ keeps serving everyone else (STYLE.md 5).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -108,9 +110,19 @@ class FastPathConfig:
     records the error, ``closed`` blocks it."""
     relay: RelayMode = "auto"
     """How a passed-through connection is relayed (``proxy.relay.RelayMode``)."""
+    native: bool = True
+    """Put the C passthrough (``proxy.passthrough``) on the listener when it is built."""
     reuse_port: bool = False
     """Bind with SO_REUSEPORT so that several worker processes share the port
     (the kernel spreads connections over them by 4-tuple hash)."""
+
+
+def native_passthrough_available() -> bool:
+    """The C passthrough (``proxy._passthrough``) is built, and not turned off with
+    ``LINEWARDEN_PURE_PYTHON=1`` (comparisons, and the tests of the Python path)."""
+    if importlib.util.find_spec("proxy._passthrough") is None:
+        return False
+    return os.environ.get("LINEWARDEN_PURE_PYTHON", "") in ("", "0")
 
 
 def domain_in(host: str | None, patterns: tuple[str, ...]) -> bool:
@@ -169,6 +181,7 @@ class FastPath:
         dns_names: DnsNames | None = None,
         mitm_address: tuple[str, int] | None = None,
         nat_table: dict[str, tuple[str, int]] | None = None,
+        native: bool | None = None,
     ) -> None:
         self.engine_ref = as_engine_ref(engine)
         """Read once per transaction: a rule reload swaps ``engine_ref.engine`` and
@@ -196,10 +209,23 @@ class FastPath:
         (loop time), checked by ``_sweep`` every ``WAIT_SWEEP_S``."""
         self._sweeper: asyncio.TimerHandle | None = None
         self.address: tuple[str, int] | None = None
+        watch = getattr(self.engine_ref, "watch", None)
+        if watch is not None:
+            watch(self._engine_swapped)
+        self.native_enabled = (config.native and native_passthrough_available()) if native is None else native
+        """Whether ``start`` puts the C passthrough (``proxy.passthrough``) on the listener."""
+        self.native: Any = None
+        """The ``NativePassthrough`` while it runs: it accepts, and carries the TLS
+        connections whose CONNECT head and server name this path already decided."""
 
     @property
     def engine(self) -> object:
         return self.engine_ref.engine  # type: ignore[attr-defined]
+
+    def _engine_swapped(self) -> None:
+        """A reload: the C passthrough must not apply the old Engine's verdicts again."""
+        if self.native is not None:
+            self.native.forget()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,11 +238,19 @@ class FastPath:
         sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
-        self._server = await loop.create_server(self._accepted, sock=sock, backlog=1024)
         self.address = sock.getsockname()[:2]
+        if self.native_enabled:
+            from proxy.passthrough import NativePassthrough
+
+            self.native = NativePassthrough(self, sock)
+            self.native.start()
+        else:
+            self._server = await loop.create_server(self._accepted, sock=sock, backlog=1024)
         log.info("fast path listening on %s:%d (%s mode)", *self.address, self.config.mode)
 
     async def stop(self) -> None:
+        if self.native is not None:
+            self.native.stop()  # its connections end ("shutdown"), their records written; it accepts no more
         if self._server is not None:
             self._server.close()
         for c in list(self._lean):
@@ -282,8 +316,11 @@ class FastPath:
     def _conn_info(self, client: Side) -> ConnInfo:
         assert client.transport is not None
         peer = client.transport.get_extra_info("peername") or ("", 0)
-        ip = _plain_ip(peer[0])
-        info = ConnInfo(uid=new_uid(), ts=now_us(), client_ip=ip, client_port=peer[1])
+        return self.conn_info(_plain_ip(peer[0]), peer[1], now_us())
+
+    def conn_info(self, ip: str, port: int, ts: int) -> ConnInfo:
+        """A new connection's ConnInfo: its uid, and the account bound to the client address."""
+        info = ConnInfo(uid=new_uid(), ts=ts, client_ip=ip, client_port=port)
         if self.identity is not None:
             info.account = self.identity.account_for(ip)  # type: ignore[attr-defined]
             info.client_mac = self.identity.mac_for(ip)  # type: ignore[attr-defined]
@@ -322,7 +359,7 @@ class FastPath:
             # closing: nothing is relayed from here on.
             upstream.peer = None
         client.peer = None
-        self._finish(state, client)
+        self.finish(state, client.bytes_in, upstream.bytes_in if upstream is not None else state.bytes_down)
 
     def _original_dst(self, client: Side) -> tuple[str, int] | None:
         assert client.transport is not None
@@ -336,7 +373,9 @@ class FastPath:
             return None  # connected to us directly: proxying it would loop
         return ip, port
 
-    def _finish(self, state: ConnState, client: Side) -> None:
+    def finish(self, state: ConnState, bytes_up: int, bytes_down: int, end: int | None = None) -> None:
+        """Write the connection's conn record (``bytes_up``: received from the client;
+        ``end``: when it closed, µs UTC, default now)."""
         conn = state.conn
         if state.intercepted and conn.uid in self.nat_table:
             conn.nat_ip, conn.nat_port = self.nat_table.pop(conn.uid)
@@ -345,14 +384,13 @@ class FastPath:
         reason = state.close_reason or "fin"
         kind = reason.split(":", 1)[0] if ":" in reason else reason
         self.stats.by_reason[kind] = self.stats.by_reason.get(kind, 0) + 1
-        up = state.upstream
         self.submit(
             conn_record(
                 conn,
-                now_us(),
+                now_us() if end is None else end,
                 service=state.service,
-                bytes_up=client.bytes_in,
-                bytes_down=up.bytes_in if up is not None else state.bytes_down,
+                bytes_up=bytes_up,
+                bytes_down=bytes_down,
                 close_reason=reason,
                 action=state.action,
                 rule_ids=state.rule_ids,
@@ -414,6 +452,8 @@ class FastPath:
         if engine is not self._sni_engine:
             memo.clear()
             self._sni_engine = engine
+            if self.native is not None:
+                self.native.forget()
         verdict = memo.get(sni)
         if verdict is None:
             verdict = engine.tls(sni)  # type: ignore[attr-defined]
@@ -571,6 +611,20 @@ class TlsDecision:
         """When it was decided (µs UTC): the tls record's ``ts``."""
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """How far the C passthrough got with a connection it hands to this path."""
+
+    ts: int
+    """Accept time, µs UTC."""
+    data: bytes
+    """What it read and did not act on: all of it, or what followed an answered CONNECT head."""
+    connect_head: int = 0
+    """Bytes of the CONNECT head it answered with 200 (a head this path answered before); 0: none."""
+    dst: tuple[str, int] | None = None
+    """That CONNECT's target."""
+
+
 # Stages of a connection that ``_AcceptedSide`` drives, in order.
 _FIRST, _TUNNEL, _HELLO, _CONNECTING, _RELAY, _TASK, _DONE = range(7)
 
@@ -599,9 +653,11 @@ class _AcceptedSide(Side):
     the socket relay takes over.
     """
 
-    def __init__(self, fastpath: FastPath) -> None:
+    def __init__(self, fastpath: FastPath, resume: Resume | None = None) -> None:
         super().__init__()
         self._fp = fastpath
+        self._resume = resume
+        """Where the C passthrough left the connection (it read the first bytes), or None."""
         self._stage = _FIRST
         self._state: ConnState | None = None
         self._dst: tuple[str, int] | None = None
@@ -621,6 +677,9 @@ class _AcceptedSide(Side):
         fp.stats.active += 1
         fp._lean.add(self)
         self._state = state = ConnState(fp._conn_info(self))
+        resume = self._resume
+        if resume is not None:
+            state.conn.ts = resume.ts
         if fp.config.mode == "transparent":
             dst = fp._original_dst(self)
             if dst is None:
@@ -628,7 +687,20 @@ class _AcceptedSide(Side):
                 self._end()
                 return
             state.conn.server_ip, state.conn.server_port = self._dst = dst
-        fp._wait(self, FIRST_BYTES_TIMEOUT)
+        if resume is None:
+            fp._wait(self, FIRST_BYTES_TIMEOUT)
+            return
+        self._resume = None
+        if not resume.data:
+            fp._wait(self, FIRST_BYTES_TIMEOUT - (now_us() - resume.ts) / 1e6)
+        if resume.connect_head:
+            # The C passthrough answered this CONNECT (a head this path answered before).
+            self.bytes_in += resume.connect_head
+            state.service = "http"
+            state.conn.server_ip, state.conn.server_port = self._dst = resume.dst
+            self._stage = _TUNNEL
+        if resume.data:
+            self.data_received(resume.data)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -708,6 +780,8 @@ class _AcceptedSide(Side):
         assert state is not None
         state.service = "http"
         self.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if is_ip and self._fp.native is not None:
+            self._fp.native.remember_head(bytes(buf[:end]), host, port)
         if is_ip:
             state.conn.server_ip = host
         state.conn.server_port = port
@@ -763,6 +837,8 @@ class _AcceptedSide(Side):
         fp, state, dst = self._fp, self._state, self._dst
         assert state is not None and dst is not None
         decision = fp.tls_decision(state, hello)
+        if hello is not None and fp.native is not None and not decision.intercept:
+            fp.native.remember_sni(hello.sni, decision.verdict)
         if decision.verdict.action == "block":
             fp.tls_block(state, self, decision)
             self._end()
@@ -773,7 +849,8 @@ class _AcceptedSide(Side):
         fp.stats.tls_passthrough += 1
         self._decision = decision
         self._stage = _CONNECTING
-        self._connecting = connecting = _Connect(dst[0], dst[1], self._connected)
+        connect = asyncio.get_running_loop().create_connection(Side, dst[0], dst[1])
+        self._connecting = connecting = _Connect(connect, self._connected)
         fp._wait(self, fp.config.connect_timeout)
         connecting.start()
 
@@ -894,7 +971,8 @@ ConnectDone = Callable[[tuple[asyncio.BaseTransport, Side] | None, BaseException
 
 
 class _Connect:
-    """``loop.create_connection(Side, host, port)`` driven by the futures it awaits, not
+    """``loop.create_connection(Side, host, port)`` (or ``connect_accepted_socket``: a
+    connection the C passthrough hands over) driven by the futures it awaits, not
     by a task: ``start`` steps the coroutine at once (its connect(2) goes out from the
     callback that decided, not a loop pass later), each awaited future's done callback
     steps it again, and the end goes to ``done``. A task costs a connection ~10 µs of
@@ -904,8 +982,8 @@ class _Connect:
 
     __slots__ = ("_coro", "_done", "_waiting")
 
-    def __init__(self, host: str, port: int, done: ConnectDone) -> None:
-        self._coro = asyncio.get_running_loop().create_connection(Side, host, port)
+    def __init__(self, coro: Coroutine[Any, Any, Any], done: ConnectDone) -> None:
+        self._coro = coro
         self._done = done
         self._waiting: asyncio.Future[Any] | None = None
 

@@ -27,7 +27,6 @@ write SQL (records go to ``submit``).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import http
 import ipaddress

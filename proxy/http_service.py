@@ -56,6 +56,7 @@ class HttpServiceConfig:
             connect_timeout=g("connect_timeout_s", 10.0),
             fail=g("fail", "open"),
             relay=g("relay", "auto"),
+            native=g("native", True),
         )
         return cls(fp, g("ca_dir", "./var/ca"), g("upstream_verify", True))
 

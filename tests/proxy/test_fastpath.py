@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.fastpath import ConnState, FastPath, FastPathConfig
+from proxy.fastpath import ConnState, FastPath, FastPathConfig, native_passthrough_available
 from proxy.http_records import ConnInfo
 from rules.engine import Engine
 from rules.verdict import ACTIONS, Match, Verdict
@@ -148,8 +148,14 @@ class Lab:
         return list(query(self.store, kind=kind))
 
 
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+@pytest.fixture(params=["python", "native"])
+async def lab(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Lab]:
+    """The fast path on loopback with an origin behind it, twice: the Python path alone,
+    and with the C passthrough in front (``proxy.passthrough``): every test here holds
+    for both, since the same bytes must get the same answers and records."""
+    native = request.param == "native"
+    if native and not native_passthrough_available():
+        pytest.skip("proxy._passthrough is not built (or LINEWARDEN_PURE_PYTHON=1)")
     rules = tmp_path / "rules"
     rules.mkdir()
     for name, text in RULES.items():
@@ -164,8 +170,9 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     writer = RecordWriter(store, StoreConfig(commit_interval_ms=20))
     await writer.start()
     proxy = FastPath(engine, writer.submit, FastPathConfig(listen=("127.0.0.1", 0), response_hold_max=64 * 1024,
-                                                           request_hold_max=64 * 1024))
+                                                           request_hold_max=64 * 1024), native=native)
     await proxy.start()
+    assert (proxy.native is not None) == native
     try:
         yield Lab(origin, proxy, writer, store)
     finally:
@@ -480,6 +487,8 @@ async def test_silent_client_is_closed_after_the_first_bytes_timeout(lab: Lab,
 
     monkeypatch.setattr(fastpath, "FIRST_BYTES_TIMEOUT", 0.2)
     monkeypatch.setattr(fastpath, "WAIT_SWEEP_S", 0.05)
+    if lab.proxy.native is not None:
+        lab.proxy.native._c.first_timeout = 0.2  # C's sweep runs each second: still well within 5 s
     reader, writer = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
     talking_r, talking_w = await asyncio.open_connection("127.0.0.1", lab.proxy_port)
     talking_w.write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n")  # and then nothing
