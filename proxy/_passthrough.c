@@ -181,6 +181,7 @@ struct conn {
     uint64_t from_client, from_server;
     flow up, down;       /* client → server, server → client */
     int local;           /* -1 unknown, else an end is on this host (RelayMode "auto") */
+    int cfd_out;         /* the client socket is watched for EPOLLOUT too */
     int dead;
 };
 
@@ -634,6 +635,20 @@ static void open_pipe(Passthrough *pt, conn *c, flow *f) {
 
 static void fail(Passthrough *pt, conn *c) { end_conn(pt, c, EV_FINISHED, R_RST, 0); }
 
+/* dst is full: its EPOLLOUT edge must resume the flow. The upstream socket is watched
+ * for it from its connect; the client's only from the first time it fills (one
+ * epoll_ctl, and a short connection never fills it). A MOD of a writable socket
+ * queues the edge at once, so none is lost. */
+static int wait_writable(Passthrough *pt, conn *c, int dst) {
+    if (dst != c->cfd || c->cfd_out)
+        return 1;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->ec};
+    if (epoll_ctl(pt->ep, EPOLL_CTL_MOD, c->cfd, &ev) < 0)
+        return 0;
+    c->cfd_out = 1;
+    return 1;
+}
+
 /* One direction: send what is held, then read src and send until src is empty or
  * dst full. Returns 0 when the connection ended (it is freed). */
 static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
@@ -644,7 +659,7 @@ static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_writable(pt, c, dst))
                     return 1;
                 fail(pt, c);
                 return 0;
@@ -661,7 +676,7 @@ static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_writable(pt, c, dst))
                     return 1;
                 fail(pt, c);
                 return 0;
@@ -729,6 +744,10 @@ static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
             memcpy(f->buf, pt->buf + w, n - w);
             f->len = n - w;
             f->off = 0;
+            if (!wait_writable(pt, c, dst)) {
+                fail(pt, c);
+                return 0;
+            }
             return 1; /* dst is full: its EPOLLOUT edge resumes this flow */
         }
     }
