@@ -42,7 +42,7 @@ setup() {
   # The compiled HTML scanner (rules/_htmlscan.c) is built at install: a C compiler is
   # needed for it (without one the install goes on and the Engine uses its Python path).
   command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
-  stamp=.venv/.installed-$(cat pyproject.toml rules/*.c proxy/*.c storage/*.c | sha256sum | cut -c1-16)
+  stamp=.venv/.installed-$(cat pyproject.toml rules/*.c proxy/*.c proxy/*.h storage/*.c | sha256sum | cut -c1-16)
   if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q -e ".[test]"

@@ -188,7 +188,7 @@ struct conn {
 typedef struct {
     int type, fd, stage, vid, err, reason, tls;
     uint64_t cid, up, down;
-    int64_t ts, ts2;
+    int64_t ts, ts2, ts_end; /* accept, decision, end (µs UTC; 0: not yet) */
     size_t head_len;
     struct sockaddr_storage peer, dst, nat;
     socklen_t peerlen, dstlen, natlen;
@@ -350,8 +350,7 @@ static void end_conn(Passthrough *pt, conn *c, int type, int reason, int err) {
     event e = make_event(type, c);
     e.reason = reason;
     e.err = err;
-    if (type == EV_FINISHED || type == EV_EARLY)
-        e.ts2 = wall_us();
+    e.ts_end = wall_us();
     if (type == EV_FAILED || type == EV_BLOCKED) {
         /* their tls record needs the hello */
         e.data = c->in;
@@ -391,14 +390,19 @@ static int take_in(conn *c, const unsigned char *p, size_t n) {
     return 1;
 }
 
-/* Read what the client sent before the relay (ET: until EAGAIN); 0: out of memory. */
-static int read_client(Passthrough *pt, conn *c) {
+/* Read what the client sent before the relay (ET: until it is drained); 0: out of memory.
+ * A short read drains the socket unless the event said the peer is closing (``hup``):
+ * a later segment brings a new edge, so no EAGAIN read is needed to know it. */
+static int read_client(Passthrough *pt, conn *c, int hup) {
     while (!c->eof && c->in_len < IN_MAX) {
-        ssize_t n = recv(c->cfd, pt->buf, IN_MAX - c->in_len, 0);
+        size_t want = IN_MAX - c->in_len;
+        ssize_t n = recv(c->cfd, pt->buf, want, 0);
         if (n > 0) {
             c->from_client += n;
             if (!take_in(c, pt->buf, n))
                 return 0;
+            if ((size_t)n < want && !hup)
+                return 1;
         } else if (n == 0) {
             c->eof = 1;
         } else if (errno == EINTR) {
@@ -793,7 +797,7 @@ static void on_event(Passthrough *pt, endpoint *ep, uint32_t events) {
     conn *c = ep->c;
     int hup = (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
     if (c->stage == ST_FIRST || c->stage == ST_TUNNEL) {
-        if (!read_client(pt, c)) {
+        if (!read_client(pt, c, hup)) {
             end_conn(pt, c, EV_EARLY, R_RST, 0);
             return;
         }
@@ -920,9 +924,9 @@ static PyObject *event_tuple(const event *e) {
         Py_XDECREF(nat);
         return NULL;
     }
-    return Py_BuildValue("(iKiiiiLLNNNNnKKii)", e->type, (unsigned long long)e->cid, e->fd, e->stage, e->reason,
+    return Py_BuildValue("(iKiiiiLLNNNNnKKiiL)", e->type, (unsigned long long)e->cid, e->fd, e->stage, e->reason,
                          e->err, (long long)e->ts, (long long)e->ts2, peer, dst, nat, data, (Py_ssize_t)e->head_len,
-                         (unsigned long long)e->up, (unsigned long long)e->down, e->vid, e->tls);
+                         (unsigned long long)e->up, (unsigned long long)e->down, e->vid, e->tls, (long long)e->ts_end);
 }
 
 static void drop_events(event *events, size_t n) {

@@ -617,6 +617,8 @@ class Resume:
 
     ts: int
     """Accept time, µs UTC."""
+    peer: tuple[str, int]
+    """The client's address as accept() gave it (the socket may be reset by now)."""
     data: bytes
     """What it read and did not act on: all of it, or what followed an answered CONNECT head."""
     connect_head: int = 0
@@ -676,10 +678,11 @@ class _AcceptedSide(Side):
         fp.stats.connections += 1
         fp.stats.active += 1
         fp._lean.add(self)
-        self._state = state = ConnState(fp._conn_info(self))
         resume = self._resume
-        if resume is not None:
-            state.conn.ts = resume.ts
+        if resume is None:
+            self._state = state = ConnState(fp._conn_info(self))
+        else:
+            self._state = state = ConnState(fp.conn_info(resume.peer[0], resume.peer[1], resume.ts))
         if fp.config.mode == "transparent":
             dst = fp._original_dst(self)
             if dst is None:

@@ -44,7 +44,8 @@ _REASONS = {native.FIN: "fin", native.RST: "rst", native.TIMEOUT: "timeout", nat
 
 # The event tuple's fields (proxy/_passthrough.c, event_tuple).
 (E_TYPE, E_CID, E_FD, E_STAGE, E_REASON, E_ERR, E_TS, E_TS2, E_PEER, E_DST, E_NAT, E_DATA, E_HEAD, E_UP, E_DOWN,
- E_VID, E_TLS) = range(17)
+ E_VID, E_TLS, E_END) = range(18)
+"""E_TS: accept, E_TS2: the decision (the tls record's ts), E_END: the end (µs UTC)."""
 
 
 class NativePassthrough:
@@ -127,7 +128,7 @@ class NativePassthrough:
 
     def _handed_over(self, ev: tuple[Any, ...]) -> None:
         sock = socket.socket(fileno=ev[E_FD])
-        resume = Resume(ev[E_TS], ev[E_DATA] or b"", ev[E_HEAD], ev[E_DST] if ev[E_HEAD] else None)
+        resume = Resume(ev[E_TS], ev[E_PEER], ev[E_DATA] or b"", ev[E_HEAD], ev[E_DST] if ev[E_HEAD] else None)
         if self._stopping:
             # Accepted in the last moment: recorded as the Python path records a shutdown.
             sock.close()
@@ -205,7 +206,7 @@ class NativePassthrough:
 
     def _end(self, state: ConnState, ev: tuple[Any, ...]) -> None:
         state.close_reason = state.close_reason or _REASONS.get(ev[E_REASON], "fin")
-        self._fp.finish(state, ev[E_UP], ev[E_DOWN], ev[E_TS2])
+        self._fp.finish(state, ev[E_UP], ev[E_DOWN], ev[E_END])
 
 
 def _hello(data: bytes) -> ClientHello | None:
