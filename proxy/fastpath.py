@@ -495,7 +495,12 @@ class FastPath:
         state.close_reason = state.close_reason or ("rst" if client.reset or upstream.reset else "fin")
 
     def connect_failed(self, state: ConnState, host: str, port: int, exc: BaseException) -> None:
-        state.close_reason = f"error: connect {host}:{port}: {exc}"[:200]
+        """A socket error reads ``[Errno N] strerror``, whichever loop (or the C passthrough)
+        met it: asyncio's own words ("Connect call failed (...)") would make a record
+        depend on the event loop."""
+        errno = exc.errno if isinstance(exc, OSError) else None
+        text = f"[Errno {errno}] {os.strerror(errno)}" if errno else str(exc)
+        state.close_reason = f"error: connect {host}:{port}: {text}"[:200]
 
     def connected(self, state: ConnState, transport: asyncio.BaseTransport, side: Side) -> None:
         """Note the upstream socket's addresses: the server's, and the NAT (egress) address."""

@@ -9,7 +9,9 @@ logs the source address it saw; it must equal the record's nat_ip:nat_port). The
 client first resolves www.lw.test through the shim (its query to the server's
 resolver is redirected to the gateway), so every conn record carries that name
 as ``dns_name`` (linewarden/dnsjoin.py), though DNS and HTTP run in separate
-worker processes.
+worker processes. Each TLS request is made twice: the second, on a verdict the
+first one's made the proxy remember, is carried by the C passthrough
+(proxy/_passthrough.c, on by default), and its records must equal the first's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ CLIENT_IP = "198.51.100.10"
 PROXY_PORT = 8080
 DNS_PORT = 5353
 KEYWORD = "澳门赌场代理"
+SAME_TRAFFIC_VARIES = frozenset({"uid", "ts", "ts_end", "client_port", "nat_port", "community_id"})
+"""Record fields that differ between two connections of equal traffic."""
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -136,6 +140,9 @@ http("post-bad", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Type: ap
 http("post-ok", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
 http("tls-ok", get("/plain"), tls_sni="www.lw.test")
 http("tls-doh", get("/plain"), tls_sni="doh.lw.test")
+# Again: the verdicts are remembered now, and the C passthrough carries these.
+http("tls-ok-2", get("/plain"), tls_sni="www.lw.test")
+http("tls-doh-2", get("/plain"), tls_sni="doh.lw.test")
 if sys.argv[3] == "intercept":
     http("tls-bad", get("/bad"), tls_sni="www.lw.test")
     http("tls-post-bad", b"POST /forum HTTP/1.1\r\nHost: www.lw.test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
@@ -147,10 +154,12 @@ print(json.dumps(out))
 def _cert(tmp: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    # RSA: every handshake is the same number of bytes (an ECDSA signature's DER length
+    # varies), so two connections of equal traffic have equal conn records.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.lw.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -277,14 +286,19 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
         assert _parse(got[path]["raw"]).body == _parse(srv.ROUTES[path].hex()).body, path
         if path != "/chunked":
             assert raw == srv.ROUTES[path], path
-    assert _parse(got["tls-ok"]["raw"]).body == _parse(srv.ROUTES["/plain"].hex()).body
+    for name in ("tls-ok", "tls-ok-2"):
+        assert "error" not in got[name], got[name]
+        assert _parse(got[name]["raw"]).body == _parse(srv.ROUTES["/plain"].hex()).body, name
+    if not intercept:
+        assert bytes.fromhex(got["tls-ok"]["raw"]) == bytes.fromhex(got["tls-ok-2"]["raw"]) == srv.ROUTES["/plain"]
 
     # Blocks.
     bad = _parse(got["/bad"]["raw"])
     assert bad.status == 451 and KEYWORD not in bad.body.decode()
     assert _parse(got["post-bad"]["raw"]).status == 451
     assert _parse(got["post-ok"]["raw"]).body == b"got hello"
-    assert "error" in got["tls-doh"] and "ACCESS_DENIED" in got["tls-doh"]["error"].upper().replace(" ", "_")
+    for name in ("tls-doh", "tls-doh-2"):
+        assert "error" in got[name] and "ACCESS_DENIED" in got[name]["error"].upper().replace(" ", "_"), got[name]
 
     if intercept:
         for name in ("tls-bad", "tls-post-bad"):
@@ -294,6 +308,12 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
     seen = [json.loads(line) for line in server_log.read_text().splitlines()]
     assert not any(KEYWORD in s["body"] for s in seen)  # the blocked POSTs never reached the server
     assert [s["body"] for s in seen if s["method"] == "POST"] == ["hello"]
+
+    # The C passthrough ran in the HTTP workers (it carried the second TLS requests:
+    # tests/proxy/test_passthrough.py shows which path carries what).
+    from proxy.fastpath import native_passthrough_available
+
+    assert _passthrough_loaded(lw.pid) == native_passthrough_available()
 
     lw.send_signal(signal.SIGTERM)
     assert lw.wait(60) == 0, lw_log.read_text()
@@ -330,7 +350,7 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
         assert c.bytes_up > 0
     expected = ["/plain", "/gzip", "/chunked", "/bad", "post-bad", "post-ok"]
     if intercept:
-        expected += ["tls-ok", "tls-bad", "tls-post-bad"]
+        expected += ["tls-ok", "tls-ok-2", "tls-bad", "tls-post-bad"]
     assert sorted(by_port[h.client_port] for h in https) == sorted(expected)
     sni = {(t.sni, t.action, t.intercepted) for t in tlss}
     assert sni == {("www.lw.test", "allow", intercept), ("doh.lw.test", "block", False)}
@@ -344,3 +364,51 @@ def test_http_and_tls_through_the_transparent_gateway(lab, tmp_path: Path, path:
             assert (t.nat_ip, t.nat_port) in peers and c.bytes_down > 0 and c.close_reason == "fin", t
         else:
             assert t.rule_ids == ["D1"] and c.close_reason == "blocked" and c.bytes_down == 0
+
+    # The second TLS connections (the C passthrough's) have the first ones' records, field
+    # by field but for what differs between any two connections. Through mitmproxy
+    # (intercept) the client's handshake is with mitmproxy's certificate: its bytes may differ.
+    tls_by = {by_port[t.client_port]: t for t in tlss}
+    conn_by = {by_port[c.client_port]: c for c in conns.values() if c.proto == "tcp" and c.client_port in by_port}
+    for first, second in (("tls-ok", "tls-ok-2"), ("tls-doh", "tls-doh-2")):
+        varying = SAME_TRAFFIC_VARIES | ({"bytes_up", "bytes_down"} if intercept and first == "tls-ok" else set())
+        for records in (tls_by, conn_by):
+            assert _fields(records[second], varying) == _fields(records[first], varying), (second, records[second])
+    tls_peers = {(s["peer"][0], s["peer"][1]) for s in seen if s["tls"]}
+    ok, ok2 = conn_by["tls-ok"], conn_by["tls-ok-2"]
+    assert (ok2.close_reason, ok2.nat_ip) == ("fin", GW_WAN_IP) and ok2.bytes_down > len(srv.ROUTES["/plain"])
+    assert {(ok.nat_ip, ok.nat_port), (ok2.nat_ip, ok2.nat_port)} <= tls_peers  # the addresses the server saw
+    assert ok.nat_port != ok2.nat_port
+    doh2 = conn_by["tls-doh-2"]
+    assert (doh2.close_reason, doh2.action, doh2.rule_ids, doh2.bytes_down) == ("blocked", "block", ["D1"], 0)
+    assert (tls_by["tls-doh-2"].sni, tls_by["tls-doh-2"].nat_port) == ("doh.lw.test", None)
+
+
+def _fields(record: object, varying: frozenset[str] | set[str]) -> dict[str, object]:
+    import msgspec
+
+    return {k: v for k, v in msgspec.structs.asdict(record).items() if k not in varying}  # type: ignore[arg-type]
+
+
+def _passthrough_loaded(pid: int) -> bool:
+    """Whether ``pid`` or one of its descendants (the worker processes) has the C
+    passthrough (proxy/_passthrough.c) mapped: it is imported only when a fast path starts it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo, seen = [pid], set()
+    while todo and len(seen) < 1000:
+        p = todo.pop()
+        seen.add(p)
+        todo.extend(children.get(p, []))
+        try:
+            if "_passthrough" in Path(f"/proc/{p}/maps").read_text():
+                return True
+        except OSError:
+            continue
+    return False
