@@ -166,6 +166,12 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return conn
 
 
+def has_schema(conn: sqlite3.Connection) -> bool:
+    """The day file has its tables: the writer creates a file, then its schema in a
+    transaction, and a reader in between sees an empty database (no records yet)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rec'").fetchone() is not None
+
+
 def is_forensic(conn: sqlite3.Connection) -> bool:
     row = conn.execute("SELECT v FROM meta WHERE k = 'forensic'").fetchone()
     return bool(row and row[0])

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from storage.partitions import day_of, day_path, list_days, open_readonly, store_tz
+from storage.partitions import day_of, day_path, has_schema, list_days, open_readonly, store_tz
 from storage.records import RECORD_TYPES, Record
 from storage.runs import Runs
 from storage.schema import ACTIONS, RowDecoder, domain_key, ipv4_db
@@ -178,6 +178,8 @@ def query(
             return
         conn = open_readonly(day_path(store_dir, day))
         try:
+            if not has_schema(conn):
+                continue  # being created by the writer this very moment: nothing in it yet
             for rec in _day_records(conn, f, left):
                 yield rec
                 if left is not None:
