@@ -204,6 +204,7 @@ def server_ctx(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
                                                     serialization.NoEncryption()))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    ctx.lw_files = (tmp / "cert.pem", tmp / "key.pem")  # type: ignore[attr-defined]  # for a child process
     return ctx
 
 
@@ -634,11 +635,23 @@ async def _refused(tmp_path: Path, server_ctx: ssl.SSLContext) -> None:
 
 def test_a_refused_connect_through_c_is_recorded_as_on_the_python_path_on_uvloop(
         tmp_path: Path, server_ctx: ssl.SSLContext) -> None:
-    """uvloop: the loop ``linewarden run`` serves on (its connect error reads as
-    ``os.strerror``, as C's does)."""
+    """uvloop: the loop ``linewarden run`` serves on. In a child process: uvloop resolves
+    through libuv's thread pool, whose threads outlive the loop, and later tests fork."""
+    import multiprocessing
+
+    cert, key = server_ctx.lw_files  # type: ignore[attr-defined]
+    child = multiprocessing.get_context("spawn").Process(target=_refused_on_uvloop, args=(tmp_path, cert, key))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+
+
+def _refused_on_uvloop(tmp_path: Path, cert: Path, key: Path) -> None:
     import uvloop
 
-    uvloop.run(_refused(tmp_path, server_ctx))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    uvloop.run(_refused(tmp_path, ctx))
 
 
 def test_a_refused_connect_through_c_is_recorded_as_on_the_python_path_on_asyncio(
