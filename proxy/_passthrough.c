@@ -563,9 +563,7 @@ static void accept_all(Passthrough *pt) {
         if (pt->conns)
             pt->conns->prev = c;
         pt->conns = c;
-        pt->nconns++;
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        pt->nconns++; /* TCP_NODELAY: inherited from the listening socket (start) */
         if (pt->transparent) {
             /* original_dst.py: the IPv6 table first on an IPv6 socket, then the IPv4 one;
              * none, or our own address (a direct connection: it would loop): Python says so. */
@@ -773,11 +771,14 @@ static void start_relay(Passthrough *pt, conn *c) {
     pump(pt, c, &c->down, c->sfd, c->cfd);
 }
 
-static void connected(Passthrough *pt, conn *c) {
+/* The connect ended: writable without an error is connected (no SO_ERROR read then). */
+static void connected(Passthrough *pt, conn *c, uint32_t events) {
     int err = 0;
     socklen_t len = sizeof err;
-    if (getsockopt(c->sfd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+    if ((events & (EPOLLERR | EPOLLHUP)) && getsockopt(c->sfd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
         err = errno;
+    if ((events & (EPOLLERR | EPOLLHUP)) && !err)
+        err = ECONNRESET; /* hung up without an error code */
     if (err) {
         end_conn(pt, c, EV_FAILED, R_CONNECT, err);
         return;
@@ -810,7 +811,7 @@ static void on_event(Passthrough *pt, endpoint *ep, uint32_t events) {
     if (c->stage == ST_CONNECTING) {
         if (ep->server) {
             if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))
-                connected(pt, c);
+                connected(pt, c, events);
         } else {
             c->up.ready = 1; /* read once the relay starts */
             c->up.hup |= hup;
@@ -1062,6 +1063,9 @@ static PyObject *pt_start(Passthrough *pt, PyObject *unused) {
         PyErr_SetString(PyExc_RuntimeError, "already started");
         return NULL;
     }
+    /* Accepted sockets inherit it (Linux): one setsockopt for all, as asyncio sets on each. */
+    int one = 1;
+    setsockopt(pt->lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = &pt->listen_ep};
     if (epoll_ctl(pt->ep, EPOLL_CTL_ADD, pt->lfd, &ev) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
