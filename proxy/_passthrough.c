@@ -651,6 +651,21 @@ static int wait_writable(Passthrough *pt, conn *c, int dst) {
     return 1;
 }
 
+enum { WROTE, FULL, FAILED };
+
+/* What a write of n bytes (send or splice) to dst says: WROTE (n may be 0 after an
+ * EINTR), FULL (wait for dst's EPOLLOUT edge) or FAILED (the connection ended, freed). */
+static int wrote(Passthrough *pt, conn *c, int dst, ssize_t n) {
+    if (n >= 0)
+        return WROTE;
+    if (errno == EINTR)
+        return WROTE;
+    if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_writable(pt, c, dst))
+        return FULL;
+    fail(pt, c);
+    return FAILED;
+}
+
 /* One direction: send what is held, then read src and send until src is empty or
  * dst full. Returns 0 when the connection ended (it is freed). */
 static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
@@ -658,15 +673,11 @@ static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
     for (;;) {
         while (f->off < f->len) {
             ssize_t n = send(dst, f->buf + f->off, f->len - f->off, MSG_NOSIGNAL);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_writable(pt, c, dst))
-                    return 1;
-                fail(pt, c);
-                return 0;
-            }
-            f->off += n;
+            int r = wrote(pt, c, dst, n);
+            if (r != WROTE)
+                return r == FULL;
+            if (n > 0)
+                f->off += n;
         }
         if (f->len) {
             free(f->buf);
@@ -675,15 +686,11 @@ static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
         }
         while (f->in_pipe) {
             ssize_t n = splice(f->rfd, NULL, dst, NULL, f->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_writable(pt, c, dst))
-                    return 1;
-                fail(pt, c);
-                return 0;
-            }
-            f->in_pipe -= n;
+            int r = wrote(pt, c, dst, n);
+            if (r != WROTE)
+                return r == FULL;
+            if (n > 0)
+                f->in_pipe -= n;
         }
         if (f->eof) {
             if (!f->done) {
@@ -746,11 +753,7 @@ static int pump(Passthrough *pt, conn *c, flow *f, int src, int dst) {
             memcpy(f->buf, pt->buf + w, n - w);
             f->len = n - w;
             f->off = 0;
-            if (!wait_writable(pt, c, dst)) {
-                fail(pt, c);
-                return 0;
-            }
-            return 1; /* dst is full: its EPOLLOUT edge resumes this flow */
+            continue; /* sent from the loop's top, which waits for dst if it is full */
         }
     }
 }
