@@ -24,6 +24,13 @@ connection, the ClientHello, the decision, the connect, a short relay) with no
 task and no timer of its own; any other turn continues in a task running the
 same code as before (``_serve``).
 
+With the C passthrough built (``proxy.passthrough``, ``FastPathConfig.native``),
+C accepts instead and carries the connections this path has decided before to
+the byte (a remembered ``CONNECT`` head and server name: ``_connect_head`` and
+``_decide`` tell it); it hands every other connection here with what it read
+(``Resume``), and reports what it carried so that ``tls_record`` and ``finish``
+write the same records for it.
+
 Must not: decide (the Engine does), parse TLS (``proxy.tlshello``) or HTTP
 (``rules.wire``), or write SQL (records go to ``submit``). Errors: one
 ``except`` per connection (``_serve`` for a task, ``_AcceptedSide._guarded``
