@@ -117,8 +117,7 @@ static void memo_clear(memo *m) {
     m->count = 0;
 }
 
-static memo_entry *memo_get(memo *m, const unsigned char *k, size_t n, uint64_t seed) {
-    uint64_t h = fnv(k, n, seed);
+static memo_entry *memo_find(memo *m, const unsigned char *k, size_t n, uint64_t h) {
     for (memo_entry *e = m->buckets[h % MEMO_BUCKETS]; e; e = e->next) {
         if (e->hash == h && e->klen == n && memcmp(e->key, k, n) == 0)
             return e;
@@ -126,9 +125,14 @@ static memo_entry *memo_get(memo *m, const unsigned char *k, size_t n, uint64_t 
     return NULL;
 }
 
+static memo_entry *memo_get(memo *m, const unsigned char *k, size_t n, uint64_t seed) {
+    return memo_find(m, k, n, fnv(k, n, seed));
+}
+
 /* Insert or replace; cleared when full, as the Python memos are. NULL: out of memory. */
 static memo_entry *memo_put(memo *m, const unsigned char *k, size_t n, uint64_t seed) {
-    memo_entry *e = memo_get(m, k, n, seed);
+    uint64_t h = fnv(k, n, seed);
+    memo_entry *e = memo_find(m, k, n, h);
     if (e)
         return e;
     if (m->count >= MEMO_MAX)
@@ -136,7 +140,7 @@ static memo_entry *memo_put(memo *m, const unsigned char *k, size_t n, uint64_t 
     e = calloc(1, sizeof *e + n);
     if (!e)
         return NULL;
-    e->hash = fnv(k, n, seed);
+    e->hash = h;
     e->klen = n;
     memcpy(e->key, k, n);
     size_t b = e->hash % MEMO_BUCKETS;
@@ -144,6 +148,15 @@ static memo_entry *memo_put(memo *m, const unsigned char *k, size_t n, uint64_t 
     m->buckets[b] = e;
     m->count++;
     return e;
+}
+
+/* A server name's key in the verdict memo: whether the hello named one, then the name
+ * (Python's None and "" must not meet). ``key`` holds 1 + 65535 bytes; returns its length. */
+static size_t sni_key(unsigned char *key, int has, const unsigned char *name, size_t n) {
+    key[0] = (unsigned char)has;
+    if (has)
+        memcpy(key + 1, name, n);
+    return 1 + (has ? n : 0);
 }
 
 /* -- connections ----------------------------------------------------------------- */
@@ -461,10 +474,9 @@ static void tunnel(Passthrough *pt, conn *c) {
         return;
     }
     unsigned char key[1 + 65536];
-    key[0] = (unsigned char)h.has_sni;
-    memcpy(key + 1, h.sni.p, h.has_sni ? h.sni.n : 0);
+    size_t klen = sni_key(key, h.has_sni, h.sni.p, h.sni.n);
     pthread_mutex_lock(&pt->lock);
-    memo_entry *e = memo_get(&pt->snis, key, 1 + (h.has_sni ? h.sni.n : 0), 0);
+    memo_entry *e = memo_get(&pt->snis, key, klen, 0);
     int kind = e ? e->kind : 0;
     c->vid = e ? e->vid : -1;
     pthread_mutex_unlock(&pt->lock);
@@ -1026,22 +1038,20 @@ static PyObject *pt_remember_sni(Passthrough *pt, PyObject *args) {
         return NULL;
     }
     unsigned char key[1 + 65536];
-    size_t n = 0;
-    key[0] = sni != Py_None;
+    const char *text = NULL;
+    Py_ssize_t len = 0;
     if (sni != Py_None) {
-        Py_ssize_t len;
-        const char *text = PyUnicode_Check(sni) ? PyUnicode_AsUTF8AndSize(sni, &len) : NULL;
+        text = PyUnicode_Check(sni) ? PyUnicode_AsUTF8AndSize(sni, &len) : NULL;
         if (!text)
             return PyErr_Occurred() ? NULL : (PyErr_SetString(PyExc_TypeError, "sni is a str or None"), NULL);
         if ((size_t)len > 65535) {
             PyErr_SetString(PyExc_ValueError, "server name too long");
             return NULL;
         }
-        memcpy(key + 1, text, len);
-        n = (size_t)len;
     }
+    size_t klen = sni_key(key, text != NULL, (const unsigned char *)text, (size_t)len);
     pthread_mutex_lock(&pt->lock);
-    memo_entry *e = memo_put(&pt->snis, key, 1 + n, 0);
+    memo_entry *e = memo_put(&pt->snis, key, klen, 0);
     if (e) {
         e->kind = kind;
         e->vid = vid;

@@ -58,7 +58,7 @@ class NativePassthrough:
         """The listening socket: C accepts on its descriptor, this keeps it open."""
         self._c = native.Passthrough(sock.fileno(), cfg.mode == "transparent", cfg.connect_timeout,
                                      FIRST_BYTES_TIMEOUT, RELAY_MODES[cfg.relay], SPLICE_AFTER, PIPE_BYTES)
-        self._live: dict[int, tuple[ConnState, TlsDecision]] = {}
+        self._live: dict[int, ConnState] = {}
         """Connections C relays, by its id: their conn record is written when they end."""
         self._verdicts: dict[int, Verdict] = {}
         self._old_verdicts: dict[int, Verdict] = {}
@@ -119,10 +119,10 @@ class NativePassthrough:
         elif kind == native.CONNECTED:
             self._connected(ev)
         elif kind == native.FINISHED:
-            found = self._live.pop(ev[E_CID], None)
-            if found is not None:
+            state = self._live.pop(ev[E_CID], None)
+            if state is not None:
                 self._fp.stats.active -= 1
-                self._end(found[0], ev)
+                self._end(state, ev)
         else:  # BLOCKED, FAILED, EARLY: C ended it before (or instead of) relaying
             self._ended(ev)
 
@@ -131,21 +131,26 @@ class NativePassthrough:
         resume = Resume(ev[E_TS], ev[E_PEER], ev[E_DATA] or b"", ev[E_HEAD], ev[E_DST] if ev[E_HEAD] else None)
         if self._stopping:
             # Accepted in the last moment: recorded as the Python path records a shutdown.
-            sock.close()
-            state = self._state(ev)
-            state.close_reason = "shutdown"
-            self._fp.finish(state, len(resume.data) + resume.connect_head, 0)
+            self._not_adopted(ev, sock, resume, "shutdown")
             return
         side = _AcceptedSide(self._fp, resume)
 
         def adopted(result: Any, exc: BaseException | None) -> None:
             if exc is not None:  # the loop refused the socket: recorded, never lost
-                sock.close()
-                state = self._state(ev)
-                state.close_reason = f"error: {type(exc).__name__}: {exc}"[:200]
-                self._fp.finish(state, len(resume.data) + resume.connect_head, 0)
+                self._not_adopted(ev, sock, resume, f"error: {type(exc).__name__}: {exc}"[:200])
 
         _Connect(asyncio.get_running_loop().connect_accepted_socket(lambda: side, sock), adopted).start()
+
+    def _not_adopted(self, ev: tuple[Any, ...], sock: socket.socket, resume: Resume, reason: str) -> None:
+        """A handed-over connection the Python path does not take: closed, and recorded."""
+        sock.close()
+        state = self._state(ev)
+        state.close_reason = reason
+        self._fp.finish(state, len(resume.data) + resume.connect_head, 0)
+
+    def _remembered(self, vid: int) -> Verdict | None:
+        """The verdict given to C as ``vid`` (None: dropped from both tables since)."""
+        return self._verdicts.get(vid) or self._old_verdicts.get(vid)
 
     def _state(self, ev: tuple[Any, ...]) -> ConnState:
         """The connection as the Python path would have it: client, server, service."""
@@ -162,13 +167,11 @@ class NativePassthrough:
         """The decision C applied: the remembered verdict, the hello's fields."""
         hello = _hello(ev[E_DATA] or b"")
         sni = hello.sni if hello is not None else None
-        verdict = self._verdicts.get(ev[E_VID]) or self._old_verdicts.get(ev[E_VID])
-        if verdict is None:
-            verdict = self._fp._sni_verdict(self._fp.engine, sni)
+        fp = self._fp
+        verdict = self._remembered(ev[E_VID]) or fp._sni_verdict(fp.engine, sni)
         decision = TlsDecision(verdict, sni, hello.alpn if hello else [], hello.versions if hello else [])
         decision.ts = ev[E_TS2]
         state.note(verdict)
-        fp = self._fp
         if fp.dns_names and state.conn.server_ip:
             state.conn.dns_name = fp.dns_names(state.conn.client_ip, state.conn.server_ip)
         return decision
@@ -177,13 +180,11 @@ class NativePassthrough:
         fp = self._fp
         state = self._state(ev)
         decision = self._decision(state, ev)
-        conn = state.conn
-        conn.server_ip, conn.server_port = ev[E_DST]
-        conn.nat_ip, conn.nat_port = ev[E_NAT]
+        state.conn.nat_ip, state.conn.nat_port = ev[E_NAT]  # the server's address: ``_state``
         fp.stats.tls_passthrough += 1
         fp.stats.active += 1
         fp.tls_record(state, decision)
-        self._live[ev[E_CID]] = (state, decision)
+        self._live[ev[E_CID]] = state
 
     def _ended(self, ev: tuple[Any, ...]) -> None:
         fp = self._fp
@@ -201,7 +202,7 @@ class NativePassthrough:
             fp.connect_failed(state, host, port, TimeoutError() if err < 0 else OSError(err, os.strerror(err)))
             fp.tls_record(state, decision)
         elif ev[E_VID] >= 0:  # stopped while connecting: decided, not recorded as a tls record
-            state.note(self._verdicts.get(ev[E_VID]) or self._old_verdicts.get(ev[E_VID]) or Verdict("allow"))
+            state.note(self._remembered(ev[E_VID]) or Verdict("allow"))
         self._end(state, ev)
 
     def _end(self, state: ConnState, ev: tuple[Any, ...]) -> None:

@@ -614,17 +614,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def _two_failed_connects(lab: NativeLab, port: int) -> list[int]:
+    """Two tunnels to ``port`` whose connect fails: the first on the Python path, the
+    second through C. Each client sees its connection closed; their client ports."""
+    ports = []
+    for _ in range(2):
+        reader, writer, client_port = await open_tunnel(lab, connect_head(port))
+        writer.write(_client_hello(ALLOWED))
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+        ports.append(client_port)
+    return ports
+
+
 async def _refused(tmp_path: Path, server_ctx: ssl.SSLContext) -> None:
     port = _free_port()  # nothing listens there any more
     async with running(tmp_path, server_ctx) as lab:
-        ports = []
-        for _ in range(2):
-            reader, writer, client_port = await open_tunnel(lab, connect_head(port))
-            writer.write(_client_hello(ALLOWED))
-            async with asyncio.timeout(10):
-                assert await reader.read() == b""
-            writer.close()
-            ports.append(client_port)
+        ports = await _two_failed_connects(lab, port)
         tlss, conns = await fetch_records(lab, 2)
     python, c_port = ports
     assert lab.path_of(python) == ["handoff"] and lab.path_of(c_port) == ["failed"]
@@ -669,14 +676,7 @@ async def test_a_connect_timeout_through_c_is_recorded_as_on_the_python_path(
     port = srv.getsockname()[1]
     try:
         async with running(tmp_path, server_ctx, connect_timeout=0.3) as lab:
-            ports = []
-            for _ in range(2):
-                reader, writer, client_port = await open_tunnel(lab, connect_head(port))
-                writer.write(_client_hello(ALLOWED))
-                async with asyncio.timeout(10):
-                    assert await reader.read() == b""
-                writer.close()
-                ports.append(client_port)
+            ports = await _two_failed_connects(lab, port)
             tlss, conns = await fetch_records(lab, 2)
     finally:
         for s in (srv, *fillers):
